@@ -1,0 +1,115 @@
+"""Small building blocks shared by the MERT and LLaMA ports.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (e.g. ("embed", "mlp")).
+`musilingo_jax.sharding` maps those names to mesh axes with the rules in the config, so changing
+data parallel <-> FSDP <-> tensor parallel is a config edit, never a model edit. Variables are
+created with `eager_sharding=False`: a model can be built (or `nnx.eval_shape`d) without a mesh.
+
+Parameter names follow Hugging Face's PyTorch names wherever possible (a `Linear` has `kernel`
+[in, out], the transpose of torch's `weight` [out, in]), so the conversion key tables stay mechanical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nnx.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs | None, init, shape: Sequence[int], names: Axes, dtype=jnp.float32,
+          kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A parameter with logical axis names; `rngs=None` means an init that needs no key (zeros/ones)."""
+  assert len(names) == len(shape), (names, shape)
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  return kind(init(key, tuple(shape), dtype), out_sharding=tuple(names), eager_sharding=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Low-rank adapters on chosen linear layers: y = x W + (dropout(x) A B) * alpha / rank.
+
+  B starts at zero, so a freshly adapted model equals the base model exactly.
+  """
+  rank: int = 8
+  alpha: float = 16.0
+  dropout: float = 0.0
+  # Names of the Linear layers that get adapters (the attribute name, e.g. "q_proj", "v_proj").
+  target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias), computed in `dtype`; optional LoRA adapter (nnx.LoRAParam leaves).
+
+  kernel: [in, out] with logical names (in_axis, out_axis); bias: [out] with (out_axis,).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, in_axis: str | None,
+               out_axis: str | None, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+               kernel_init=default_kernel_init, lora: LoRAConfig | None = None):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), (in_axis, out_axis), param_dtype)
+    self.bias = (param(None, nnx.initializers.zeros, (out_features,), (out_axis,), param_dtype)
+                 if use_bias else None)
+    self.lora = lora
+    if lora is not None:
+      self.lora_a = param(rngs, nnx.initializers.he_uniform(), (in_features, lora.rank),
+                          (in_axis, None), jnp.float32, kind=nnx.LoRAParam)
+      self.lora_b = param(None, nnx.initializers.zeros, (lora.rank, out_features),
+                          (None, out_axis), jnp.float32, kind=nnx.LoRAParam)
+      self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs)
+    else:
+      self.lora_a = self.lora_b = self.lora_dropout = None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    if self.lora is not None:
+      h = self.lora_dropout(x)
+      y = y + (h @ self.lora_a[...].astype(self.dtype) @ self.lora_b[...].astype(self.dtype)
+               ) * jnp.asarray(self.lora.scale, self.dtype)
+    return y
+
+  def merged_kernel(self) -> jax.Array:
+    """kernel + A B * scale (in f32, cast back to the kernel's dtype): what export writes."""
+    k = self.kernel[...]
+    if self.lora is None:
+      return k
+    delta = (self.lora_a[...] @ self.lora_b[...]) * self.lora.scale
+    return (k.astype(jnp.float32) + delta).astype(k.dtype)
+
+
+def lora_for(name: str, lora: LoRAConfig | None) -> LoRAConfig | None:
+  """The adapter config for the Linear called `name`, or None if it is not a target."""
+  return lora if lora is not None and name in lora.target_modules else None
+
+
+class LayerNorm(nnx.Module):
+  """torch.nn.LayerNorm over the last axis (f32 statistics), params `weight`/`bias` as in HF."""
+
+  def __init__(self, dim: int, *, eps: float, axis_name: str | None, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.eps, self.dtype = eps, dtype
+    self.weight = param(None, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+    self.bias = param(None, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
