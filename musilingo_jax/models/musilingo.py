@@ -1,0 +1,117 @@
+"""MusiLingo: frozen MERT -> mean over all hidden states -> temporal mean pooling -> llama_proj -> frozen LLM.
+
+SPEC.md section 1, exactly:
+  * all encoder hidden states (25 for MERT-330M) are averaged -> [B, T, D_enc] at 75 frames/s;
+  * non-overlapping mean over windows of `pool_frames` (t = 325) frames; a shorter leftover window is
+    one more token, so T' = ceil(T / t); padded frames are included in the mean (no mask-aware pooling);
+  * `llama_proj = Linear(D_enc, D_llm, bias=True)`: the only trainable parameters in the reference;
+  * the projected audio tokens replace the audio slots of the token sequence built by `prompts.collate`.
+
+Two ways in, giving the same loss: raw audio windows (`batch["audio"]`, the encoder runs inside the step
+under stop_gradient) or features precomputed by `pooled_features` (`batch["features"]`). Pooling commutes
+with the affine projection, so precomputing the pooled features loses nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from musilingo_jax.models import layers
+from musilingo_jax.models.llama import Llama, LlamaConfig
+from musilingo_jax.models.mert import MERT, MERTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class MusiLingoConfig:
+  encoder: MERTConfig
+  llm: LlamaConfig
+  pool_frames: int = 325
+  lora: layers.LoRAConfig | None = None
+
+
+def num_audio_tokens(num_frames: int, pool_frames: int) -> int:
+  return math.ceil(num_frames / pool_frames)
+
+
+def pool_time(h: jax.Array, pool_frames: int) -> jax.Array:
+  """[B, T, D] -> [B, ceil(T / t), D]: mean over full windows of t frames, then the leftover window."""
+  B, T, D = h.shape
+  n_full = T // pool_frames
+  parts = []
+  if n_full:
+    parts.append(h[:, :n_full * pool_frames].reshape(B, n_full, pool_frames, D).mean(axis=2))
+  if T % pool_frames:
+    parts.append(h[:, n_full * pool_frames:].mean(axis=1, keepdims=True))
+  return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def pooled_features(encoder: MERT, audio: jax.Array, pool_frames: int,
+                    attention_mask: jax.Array | None = None) -> jax.Array:
+  """Raw 24 kHz audio [B, S] -> pooled encoder features [B, T', D_enc] in float32.
+
+  The same function serves the step (encoder inside) and precompute (once per clip), so both give the
+  same numbers. Mean over hidden states is taken in float32.
+  """
+  states = encoder(audio, attention_mask=attention_mask)
+  mean = sum(s.astype(jnp.float32) for s in states) / len(states)  # [B, T, D_enc]
+  return pool_time(mean, pool_frames)
+
+
+def splice(embeds: jax.Array, audio: jax.Array, audio_start: jax.Array) -> jax.Array:
+  """Writes audio tokens [B, T', D] into token embeddings [B, L, D] at rows' `audio_start` [B]."""
+  def one(e, a, s):
+    return jax.lax.dynamic_update_slice(e, a.astype(e.dtype), (s, 0))
+  return jax.vmap(one)(embeds, audio, audio_start)
+
+
+class MusiLingo(nnx.Module):
+
+  def __init__(self, cfg: MusiLingoConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.encoder = MERT(cfg.encoder, rngs=rngs)
+    self.llm = Llama(cfg.llm, rngs=rngs, lora=cfg.lora)
+    d_enc, d_llm = cfg.encoder.hidden_size, cfg.llm.hidden_size
+    bound = 1.0 / math.sqrt(d_enc)  # torch.nn.Linear's default init, kernel and bias
+    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+    self.llama_proj = layers.Linear(d_enc, d_llm, use_bias=True, in_axis=None, out_axis="embed",
+                                    rngs=rngs, dtype=jnp.float32, kernel_init=init)
+    self.llama_proj.bias.set_value(init(rngs.params(), (d_llm,), jnp.float32))
+
+  def audio_features(self, batch: dict) -> jax.Array:
+    """Pooled encoder features [B, T', D_enc]: precomputed, or computed here with no backward pass."""
+    if "features" in batch:
+      return batch["features"].astype(jnp.float32)
+    feats = pooled_features(self.encoder, batch["audio"], self.cfg.pool_frames)
+    return jax.lax.stop_gradient(feats)
+
+  def audio_embeddings(self, batch: dict) -> jax.Array:
+    return self.llama_proj(self.audio_features(batch))  # [B, T', D_llm], float32
+
+  def input_embeddings(self, batch: dict) -> jax.Array:
+    embeds = self.llm.embed(batch["input_ids"])  # [B, L, D_llm]
+    return splice(embeds, self.audio_embeddings(batch), batch["audio_start"])
+
+  def __call__(self, batch: dict) -> jax.Array:
+    """Logits [B, L, vocab] (float32) of the spliced sequence."""
+    logits, _ = self.llm(inputs_embeds=self.input_embeddings(batch),
+                         attention_mask=batch["attention_mask"], positions=batch["positions"])
+    return logits
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The reference loss: shifted cross-entropy, mean over every non-ignored token of the batch.
+
+  Returns (loss, number of label tokens).
+  """
+  logits, labels = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+  valid = labels != -100
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+  count = valid.sum()
+  loss = jnp.where(valid, ce, 0.0).sum() / jnp.maximum(count, 1)
+  return loss, count

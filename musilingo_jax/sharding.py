@@ -1,0 +1,121 @@
+"""Device mesh, logical-axis rules and shardings (MaxText's idea, our few lines).
+
+Model code names dimensions with logical axes (`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, ...; see
+DESIGN.md). One table of rules maps each logical name to mesh axes (`data`, `fsdp`, `tensor`), so data
+parallel <-> FSDP <-> FSDP + tensor parallel is a config edit. A dimension whose size does not divide the
+mesh axes it maps to is replicated instead (e.g. Vicuna's vocab of 32001 under tensor parallelism).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, Any]]
+
+# Presets: logical name -> mesh axis (or tuple of axes, or None = replicated).
+PRESETS: dict[str, Rules] = {
+    # Pure data parallel: every parameter replicated, the batch split over all devices.
+    "dp": (("batch", BATCH_AXES),),
+    # FSDP: parameters split along their embed dimension (ZeRO-3 style); the batch over data x fsdp.
+    "fsdp": (("batch", BATCH_AXES), ("embed", "fsdp")),
+    # FSDP + tensor parallel (Megatron-style column/row split of attention heads and the MLP).
+    "fsdp_tp": (("batch", BATCH_AXES), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+                ("kv_heads", "tensor"), ("vocab", "tensor")),
+}
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape may have at most one -1, got {shape}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"but {len(devices)} are available")
+  mesh_devices = np.asarray(devices).reshape(shape)
+  if len(devices) == len(jax.devices()) and jax.process_count() > 1:
+    mesh_devices = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  return Mesh(mesh_devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def resolve_rules(rules: Rules | str) -> dict[str, Any]:
+  if isinstance(rules, str):
+    if rules not in PRESETS:
+      raise ValueError(f"unknown sharding preset {rules!r}; choose from {sorted(PRESETS)}")
+    rules = PRESETS[rules]
+  return {name: axes for name, axes in rules}
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules | str) -> P:
+  """PartitionSpec for an array of `shape` whose dimensions have logical `names`."""
+  table = resolve_rules(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(names, shape):
+    axes = table.get(name) if name is not None else None
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    # An axis may shard only one dimension, and only one it divides.
+    if not flat or used.intersection(flat) or size % _axis_size(mesh, flat) or _axis_size(mesh, flat) == 1:
+      spec.append(None)
+      continue
+    used.update(flat)
+    spec.append(flat[0] if len(flat) == 1 else flat)
+  return P(*spec)
+
+
+def _names_of(var) -> tuple | None:
+  meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+  return meta.get("out_sharding")
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules | str):
+  """NamedSharding for every leaf of an nnx.State (or abstract state), from its logical names."""
+  def one(var):
+    value = var.get_value() if hasattr(var, "get_value") else var
+    names = _names_of(var) or (None,) * len(value.shape)
+    return var.replace(NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules)))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles the global batch from this process's slice (multi-host ready).
+
+  Each process passes its own rows (its 1/process_count share of the global batch, in process order);
+  the result is one jax.Array per key, split over data x fsdp.
+  """
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in local_batch.items()}
