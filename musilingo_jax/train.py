@@ -118,6 +118,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, accum_steps: 
     raise ValueError(f"config.train.accum_reduce must be 'sum' or 'mean', got {accum_reduce!r}")
 
   def loss_fn(trainable, frozen, batch, rng_step):
+    # Fresh Variable objects inside this trace (reseeding mutates the rng state).
+    frozen = jax.tree.map(lambda x: x, frozen)
     model = nnx.merge(graphdef, trainable, frozen)
     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(dropout_seed), rng_step))
     logits = model(batch)

@@ -1,0 +1,227 @@
+"""The config schema (ml_collections), reference presets and validation before any compute.
+
+`configs/*.py` are thin: each `get_config(arg)` starts from `base_config()` and sets a preset. Every field
+a run reads is declared here, so `--config.some.typo=1` fails at the command line, and `validate()` checks
+values, paths, the mesh against the devices and the batch against the mesh before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# SPEC.md section 3: (init lr, min lr, warmup lr, warmup steps, iters/epoch, epochs, batch, accum).
+REFERENCE_SCHEDULES = {
+    "pretrain": (1e-4, 8e-5, 1e-6, 5000, 5000, 4, 8, 1),
+    "musicqa": (3e-5, 1e-5, 1e-6, 5000, 5000, 6, 2, 16),
+    "musicinstruct": (3e-5, 1e-5, 1e-6, 5000, 5000, 6, 2, 16),
+    "musicinstruct_long": (3e-5, 1e-5, 1e-6, 3000, 3000, 6, 2, 16),
+    "musicinstruct_short": (3e-5, 1e-5, 1e-6, 2500, 2500, 6, 2, 16),
+    "musiccaps": (3e-5, 1e-5, 1e-6, 1000, 1000, 6, 2, 8),
+}
+
+ENCODER_PRESETS = ("mert_v1_330m", "mert_v1_95m", "demo", "tiny")
+LLM_PRESETS = ("vicuna_7b", "tiny")
+
+
+def base_config() -> ConfigDict:
+  c = ConfigDict()
+  c.seed = 42
+  c.stage = 2  # 1 = captions with no template (LP-MusicCaps-MSD), 2 = instruction data
+
+  c.model = ConfigDict()
+  c.model.checkpoint = ""         # a directory written by scripts/convert_hf.py (frozen MERT + LLM + tokenizer)
+  c.model.llm_gguf = ""           # or an LLM straight from a GGUF file ("smollm2" = the pip-installed demo LLM)
+  c.model.encoder_preset = "mert_v1_330m"  # used when no converted encoder is given (random init)
+  c.model.llm_preset = "vicuna_7b"         # used when no converted LLM is given (random init: AOT, tests)
+  c.model.pool_frames = 325
+  c.model.compute_dtype = "bfloat16"   # activations and frozen matmuls
+  c.model.frozen_dtype = "bfloat16"    # frozen weights as stored on device; trainables are always float32
+  c.model.attention_impl = "xla"       # "xla", "cudnn" (flash attention on GPU) or "auto"
+  c.model.spec_augment = False         # MERT time masking in training (encoder inside the step only)
+
+  c.data = ConfigDict()
+  c.data.dataset = "musicqa"      # lp-musiccaps-msd | musicqa | musicinstruct | musiccaps | demo
+  c.data.records_dir = ""         # ArrayRecord shards written by scripts/precompute.py
+  c.data.train_split = "Finetune"
+  c.data.eval_split = "Eval"
+  c.data.use_features = True      # precomputed pooled features (True) or raw audio windows (False)
+  c.data.n_audio_tokens = 4       # ceil(frames / pool_frames): 8 for 30.5 s, 4 for 15.5 s, 3 for 10 s
+  c.data.max_len = 256            # fixed sequence length of a batch
+  c.data.layout = "reference"     # reference (middle padding, exact loss) | packed
+  c.data.worker_count = 0         # Grain workers (0 = in-process; on few cores prefer 0)
+
+  c.prompt = ConfigDict()
+  c.prompt.template = True
+  c.prompt.end_sym = "###"
+  c.prompt.max_txt_len = 160
+
+  c.train = ConfigDict()
+  c.train.trainable = "projection"   # projection | projection+lora | all (tiny models only)
+  c.train.lora = ConfigDict()
+  c.train.lora.rank = 8
+  c.train.lora.alpha = 16.0
+  c.train.lora.dropout = 0.05
+  c.train.lora.target_modules = ("q_proj", "v_proj")
+  c.train.batch_size = 2          # global micro-batch (rows per micro-step, over all devices)
+  c.train.accum_steps = 16
+  c.train.accum_reduce = "sum"    # sum (the reference) | mean
+  c.train.init_lr = 3e-5
+  c.train.min_lr = 1e-5
+  c.train.warmup_lr = 1e-6
+  c.train.warmup_steps = 5000
+  c.train.iters_per_epoch = 5000
+  c.train.epochs = 6
+  c.train.num_steps = -1          # optimizer steps; -1 = epochs * iters_per_epoch / accum_steps
+  c.train.weight_decay = 0.05
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.clip_norm = 0.0         # 0 = no clipping (the reference)
+
+  c.mesh = ConfigDict()
+  c.mesh.shape = (-1, 1, 1)       # (data, fsdp, tensor); one -1 fills the remaining devices
+  c.mesh.rules = "dp"             # dp | fsdp | fsdp_tp (sharding.PRESETS)
+
+  c.log_every = 10
+  c.eval_every = 1000
+  c.eval_batches = 20
+  c.save_every = 1000
+  c.keep = 3
+  c.keep_best = True
+  c.compilation_cache = ""        # a directory for JAX's persistent compilation cache ("" = off)
+
+  c.eval = ConfigDict()
+  c.eval.generate_samples = 32    # generation metrics on this many eval examples at each eval
+  c.eval.max_new_tokens = 64
+  c.eval.greedy = True
+  return c
+
+
+def apply_schedule(c: ConfigDict, name: str) -> None:
+  init, lo, warm, wsteps, ipe, epochs, batch, accum = REFERENCE_SCHEDULES[name]
+  c.train.init_lr, c.train.min_lr, c.train.warmup_lr = init, lo, warm
+  c.train.warmup_steps, c.train.iters_per_epoch, c.train.epochs = wsteps, ipe, epochs
+  c.train.batch_size, c.train.accum_steps = batch, accum
+
+
+def num_train_steps(c: ConfigDict) -> int:
+  if c.train.num_steps > 0:
+    return c.train.num_steps
+  return max(1, c.train.epochs * c.train.iters_per_epoch // c.train.accum_steps)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+def _choice(value, field, choices):
+  if value not in choices:
+    raise ConfigError(f"config.{field} = {value!r}; expected one of {list(choices)}")
+
+
+def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool = True) -> None:
+  """Raises ConfigError naming the field for values that cannot work, before any compute."""
+  from musilingo_jax import sharding
+  from musilingo_jax.prompts import LAYOUTS
+  from musilingo_jax.train import TRAIN_MODES
+
+  _choice(c.stage, "stage", (1, 2))
+  _choice(c.model.compute_dtype, "model.compute_dtype", ("float32", "bfloat16"))
+  _choice(c.model.frozen_dtype, "model.frozen_dtype", ("float32", "bfloat16"))
+  _choice(c.model.attention_impl, "model.attention_impl", ("xla", "cudnn", "auto"))
+  _choice(c.model.encoder_preset, "model.encoder_preset", ENCODER_PRESETS)
+  _choice(c.model.llm_preset, "model.llm_preset", LLM_PRESETS)
+  _choice(c.data.layout, "data.layout", LAYOUTS)
+  _choice(c.data.dataset, "data.dataset", ("lp-musiccaps-msd", "musicqa", "musicinstruct", "musiccaps", "demo"))
+  _choice(c.train.trainable, "train.trainable", TRAIN_MODES)
+  _choice(c.train.accum_reduce, "train.accum_reduce", ("sum", "mean"))
+  _choice(c.mesh.rules, "mesh.rules", tuple(sharding.PRESETS))
+  if c.train.trainable == "all" and c.model.checkpoint:
+    raise ConfigError("config.train.trainable = 'all' is for tiny demo models only; a converted "
+                      "checkpoint (config.model.checkpoint) trains 'projection' or 'projection+lora'")
+  for field in ("model.pool_frames", "data.n_audio_tokens", "data.max_len", "train.batch_size",
+                "train.accum_steps", "train.iters_per_epoch", "train.epochs", "log_every", "eval_every",
+                "save_every", "keep"):
+    node = c
+    for part in field.split("."):
+      node = node[part]
+    if not isinstance(node, int) or node <= 0:
+      raise ConfigError(f"config.{field} = {node!r}; expected a positive integer")
+  if c.train.trainable == "projection+lora":
+    if c.train.lora.rank <= 0:
+      raise ConfigError(f"config.train.lora.rank = {c.train.lora.rank}; expected a positive integer")
+    if not 0.0 <= c.train.lora.dropout < 1.0:
+      raise ConfigError(f"config.train.lora.dropout = {c.train.lora.dropout}; expected 0 <= p < 1")
+    bad = set(c.train.lora.target_modules) - {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                               "up_proj", "down_proj"}
+    if bad:
+      raise ConfigError(f"config.train.lora.target_modules has unknown layers {sorted(bad)}")
+  for field in ("model.checkpoint", "model.llm_gguf"):
+    path = c.model[field.split(".")[1]]
+    if path and path != "smollm2" and not os.path.exists(path):
+      raise ConfigError(f"config.{field} = {path!r}: no such file or directory")
+  if need_data and c.data.dataset != "demo":
+    if not c.data.records_dir:
+      raise ConfigError("config.data.records_dir is empty: point it at the shards written by "
+                        "scripts/precompute.py")
+    if not os.path.isdir(c.data.records_dir):
+      raise ConfigError(f"config.data.records_dir = {c.data.records_dir!r}: no such directory")
+  shape = tuple(c.mesh.shape)
+  if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f"config.mesh.shape = {shape}; expected (data, fsdp, tensor) with at most one -1")
+  if num_devices is not None:
+    known = math.prod(s for s in shape if s != -1)
+    if (-1 in shape and num_devices % known) or (-1 not in shape and known != num_devices):
+      raise ConfigError(f"config.mesh.shape = {shape} does not fit the {num_devices} available devices")
+    full = [s if s != -1 else num_devices // known for s in shape]
+    batch_ways = full[0] * full[1]
+    if c.train.batch_size % batch_ways:
+      raise ConfigError(f"config.train.batch_size = {c.train.batch_size} does not divide over the "
+                        f"{batch_ways} data x fsdp shards of config.mesh.shape = {shape}")
+
+
+def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:
+  """The embedded demo: the real SmolLM2-135M-Instruct (pip-installed GGUF) as the frozen LLM, a small
+  randomly initialized MERT-architecture encoder (no pretrained MERT can be had offline), and the
+  music21 demo set. `smoke` runs the same path in seconds: a tiny random LLM with SmolLM2's tokenizer
+  and a handful of clips."""
+  c.data.dataset = "demo"
+  c.data.train_split, c.data.eval_split = "train", "test"
+  c.data.demo_dir = ""             # "" = $MUSILINGO_CACHE/demo (built on first use, then reused)
+  c.data.demo_pieces = (10, 4) if smoke else (48, 12)   # (train pieces, test pieces)
+  c.data.demo_clips_per_piece = 2 if smoke else 5
+  c.data.demo_clip_seconds = 4.0 if smoke else 10.0
+  c.data.use_features = True
+  c.data.layout = "reference"
+  c.model.llm_gguf = "smollm2"
+  c.model.encoder_preset = "demo"
+  c.model.llm_preset = "tiny" if smoke else "vicuna_7b"
+  c.model.smoke_llm = smoke         # tiny random LLM (SmolLM2's tokenizer) instead of SmolLM2's weights
+  c.model.compute_dtype = "float32"  # bf16 outputs are slower than f32 on CPU
+  c.model.frozen_dtype = "float32"
+  # A demo choice, not the reference's t = 325: pooling over ~1.7 s keeps more of a 10 s clip.
+  c.model.pool_frames = 125
+  c.data.n_audio_tokens = 3 if smoke else 6
+  c.data.max_len = 96
+  c.prompt.max_txt_len = 40
+  c.train.trainable = "projection"
+  c.train.batch_size = 4 if smoke else 8
+  c.train.accum_steps = 1
+  c.train.init_lr, c.train.min_lr, c.train.warmup_lr = 1e-3, 1e-4, 1e-5
+  c.train.warmup_steps = 2 if smoke else 30
+  c.train.iters_per_epoch = 4 if smoke else 300
+  c.train.epochs = 1
+  c.train.weight_decay = 0.05
+  c.log_every = 1 if smoke else 10
+  c.eval_every = 4 if smoke else 100
+  c.eval_batches = 2 if smoke else 8
+  c.save_every = 2 if smoke else 100
+  c.keep = 2
+  c.eval.generate_samples = 8 if smoke else 0   # the demo's full held-out report runs at the end
+  c.eval.max_new_tokens = 8 if smoke else 24
+  return c

@@ -1,0 +1,185 @@
+"""Audio I/O for precompute: read any released format, mix to mono, crop/pad by the reference's policy,
+resample to 24 kHz.
+
+Reference policy (SPEC.md section 5):
+  * LP-MusicCaps-MSD: crop (random in training) or zero-pad to 732,000 samples counted at the file's
+    native rate, then resample to 24 kHz;
+  * MusicQA: the same with 372,000 native samples (random crop at eval too in the reference; ours is
+    deterministic at eval: `start` or `center`);
+  * MusicInstruct / MusicCaps: the whole (~10 s) clip, resampled.
+Order as in the reference: mono (mean over channels) -> crop/pad at the native rate -> resample.
+
+Every failure is a `BadAudio(reason, path)` with `reason` in `BAD_AUDIO_REASONS`, so callers can count
+and name skipped clips; nothing is replaced by another clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import struct
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+TARGET_SR = 24_000
+# Native-rate window per dataset (None = whole clip).
+NATIVE_WINDOW = {
+    "lp-musiccaps-msd": 732_000,
+    "musicqa": 372_000,
+    "musicinstruct": None,
+    "musiccaps": None,
+    "demo": None,
+}
+CROP_MODES = ("random", "start", "center")
+BAD_AUDIO_REASONS = ("missing_file", "unreadable", "empty", "too_short", "nan")
+
+
+class BadAudio(Exception):
+  """A clip that cannot be used: `reason` (one of BAD_AUDIO_REASONS), `path`, and a human detail."""
+
+  def __init__(self, reason: str, path: str, detail: str = ""):
+    if reason not in BAD_AUDIO_REASONS:
+      raise ValueError(f"unknown BadAudio reason {reason!r}")
+    self.reason, self.path, self.detail = reason, str(path), detail
+    super().__init__(f"{reason}: {path}" + (f" ({detail})" if detail else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+  audio: np.ndarray     # [S] float32 at `TARGET_SR` (zero-padded past `length`)
+  length: int           # true (unpadded) samples at TARGET_SR
+  start: int            # crop start in native samples
+  native_rate: int      # the file's sampling rate
+
+
+def _check_wav_truncation(path: str) -> None:
+  """libsndfile silently reads a truncated WAV up to where it ends; treat that as unreadable."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+      return  # not a plain RIFF/WAVE file (e.g. RF64): leave it to libsndfile
+    fmt = "<I" if head[:4] == b"RIFF" else ">I"
+    pos = 12
+    while pos + 8 <= size:
+      f.seek(pos)
+      cid, (clen,) = f.read(4), struct.unpack(fmt, f.read(4))
+      if cid == b"data":
+        if clen in (0, 0xFFFFFFFF):  # streamed WAV with unknown length
+          return
+        have = size - (pos + 8)
+        if have < clen:
+          raise BadAudio("unreadable", path, f"truncated WAV: data chunk declares {clen} bytes, file holds {have}")
+        return
+      pos += 8 + clen + (clen & 1)
+    raise BadAudio("unreadable", path, "WAV without a data chunk")
+
+
+def _to_float(x: np.ndarray) -> np.ndarray:
+  if np.issubdtype(x.dtype, np.integer):
+    return x.astype(np.float32) / float(-np.iinfo(x.dtype).min)
+  if np.issubdtype(x.dtype, np.floating):
+    return x.astype(np.float32)
+  raise TypeError(f"array of dtype {x.dtype} is not audio")
+
+
+def _mono(x: np.ndarray) -> np.ndarray:
+  """[n] or [n, c] / [c, n] (channels = the smaller axis) -> [n] by the mean over channels."""
+  if x.ndim == 1:
+    return x
+  if x.ndim != 2:
+    raise ValueError(f"audio array has shape {x.shape}; expected [n] or [n, channels]")
+  if x.shape[0] < x.shape[1]:
+    x = x.T
+  return x.mean(axis=1)
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
+  """Decodes a clip to mono float32 at its native rate: ([n], rate).
+
+  wav/flac/ogg/mp3 through libsndfile (librosa as fallback for what it cannot open); .npy is a raw array
+  whose rate must be given (`sample_rate`, from the annotation). Raises BadAudio.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise BadAudio("missing_file", path, "no such file")
+  if os.path.getsize(path) == 0:
+    raise BadAudio("empty", path, "zero-byte file")
+  try:
+    if path.lower().endswith(".npy"):
+      if not sample_rate:
+        raise BadAudio("unreadable", path, ".npy audio needs a sampling_rate from its annotation")
+      x = np.load(path, allow_pickle=False)
+      rate = int(sample_rate)
+      x = _mono(_to_float(np.asarray(x)))
+    else:
+      if path.lower().endswith((".wav", ".wave")):
+        _check_wav_truncation(path)
+      try:
+        x, rate = sf.read(path, dtype="float32", always_2d=True)
+        x = x.mean(axis=1)
+      except sf.LibsndfileError as err:
+        if not path.lower().endswith(".mp3"):
+          raise BadAudio("unreadable", path, str(err)) from None
+        import librosa  # slow import; only for mp3s libsndfile refuses
+        x, rate = librosa.load(path, sr=None, mono=True)
+  except BadAudio:
+    raise
+  except Exception as err:  # noqa: BLE001 - any decoder failure is one reason: unreadable
+    raise BadAudio("unreadable", path, f"{type(err).__name__}: {err}") from None
+  return np.ascontiguousarray(x, np.float32), int(rate)
+
+
+def resample(x: np.ndarray, rate_in: int, rate_out: int = TARGET_SR) -> np.ndarray:
+  """soxr (HQ) resampling; output length is ceil(n * out / in) (torchaudio's Resample length)."""
+  if rate_in == rate_out:
+    return x.astype(np.float32, copy=False)
+  n_out = math.ceil(len(x) * rate_out / rate_in)
+  y = soxr.resample(x.astype(np.float32, copy=False), rate_in, rate_out, quality="HQ")
+  if len(y) < n_out:
+    y = np.pad(y, (0, n_out - len(y)))
+  return np.ascontiguousarray(y[:n_out], np.float32)
+
+
+def crop_start(n: int, window: int, mode: str, rng: np.random.Generator | None) -> int:
+  """Start of a `window`-sample crop in an `n`-sample clip (0 when the clip is not longer)."""
+  if mode not in CROP_MODES:
+    raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
+  if n <= window:
+    return 0
+  if mode == "random":
+    if rng is None:
+      raise ValueError("a random crop needs an rng (seeded per example)")
+    return int(rng.integers(0, n - window + 1))
+  return 0 if mode == "start" else (n - window) // 2
+
+
+def load_window(path: str | os.PathLike, *, sample_rate: int | None = None, native_window: int | None = None,
+                crop: str = "start", rng: np.random.Generator | None = None, min_seconds: float = 1.0,
+                target_rate: int = TARGET_SR, clip: tuple[np.ndarray, int] | None = None) -> Window:
+  """Reads (or takes an already decoded `clip`), validates, crops/pads and resamples one clip.
+
+  native_window: samples at the file's own rate to crop/zero-pad to (None = whole clip).
+  min_seconds: clips shorter than this (before padding) are BadAudio('too_short').
+  """
+  path = os.fspath(path)
+  x, rate = clip if clip is not None else read_audio(path, sample_rate)
+  if len(x) == 0:
+    raise BadAudio("empty", path, "no samples")
+  if not np.isfinite(x).all():
+    raise BadAudio("nan", path, f"{int((~np.isfinite(x)).sum())} NaN/Inf samples")
+  if len(x) < min_seconds * rate:
+    raise BadAudio("too_short", path, f"{len(x) / rate:.3f} s < minimum {min_seconds} s")
+  start, true_native = 0, len(x)
+  if native_window is not None:
+    start = crop_start(len(x), native_window, crop, rng)
+    x = x[start:start + native_window]
+    true_native = len(x)
+    if len(x) < native_window:
+      x = np.pad(x, (0, native_window - len(x)))
+  y = resample(x, rate, target_rate)
+  length = min(len(y), math.ceil(true_native * target_rate / rate))
+  return Window(audio=y, length=int(length), start=int(start), native_rate=rate)

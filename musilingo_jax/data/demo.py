@@ -1,0 +1,515 @@
+"""The embedded demo dataset: real music21 corpus scores rendered to audio, with QA pairs known by construction.
+
+Each clip is the opening of a corpus score (all parts, from the first note) played by one General MIDI
+instrument at a chosen tempo and transposition, cut or zero-padded to exactly `clip_seconds`. Labels come
+from the score (key, time signature, composer folder) and from what the renderer was told (instrument,
+BPM, transposition), so every answer is known.
+
+Layout of `DIR` (what `data.readers.read_demo` reads):
+  DIR/audio/{clip_id}.wav   int16 PCM, 24 kHz, mono, exactly round(clip_seconds * 24000) samples
+  DIR/train.json            [{"id": "<clip_id>-<kind>", "clip_id", "audio": "audio/<clip_id>.wav",
+  DIR/test.json               "question", "answer", "kind", "labels": {...}}, ...]; one entry per
+                              (clip, kind in QUESTION_KINDS), grouped by clip
+  DIR/meta.json             version, params, renderer (+ soundfont, fluidsynth version), seed, counts,
+                            composers, instruments, pieces per split, skipped pieces with reasons,
+                            build time; written last (its presence marks a complete build)
+
+labels: instrument (name), gm_program (0-based), bpm (quarter notes per minute), tempo_class
+(slow/moderate/fast), key ("F-sharp minor", after transposition), time_signature ("3/4"), composer
+(lowercase, e.g. "bach"), piece (corpus path without extension, e.g. "bach/bwv66.6"), transpose (semitones).
+
+Key rule: music21's key analysis of the opening (first ANALYSIS_QUARTERS quarter notes) decides between
+the key signature's major key and its relative minor; a minor key written with one flat fewer (the
+Baroque "dorian" signature) wins when the analysis prefers it by more than DORIAN_MARGIN. The tonic is
+then moved by the transposition and spelled with the fewer accidentals (KEY_NAMES).
+
+Splits are by work (a multi-movement work's movements, or a Palestrina mass's sections, stay together),
+so no piece is in both; test pieces are taken round-robin over the same composer order as train pieces,
+so with num_test_pieces <= num_train_pieces every test composer also appears in training. A piece that
+fails to parse or has no usable labels is skipped, named in meta["skipped"] and replaced by the next
+candidate of its composer. Parsed pieces (note lists + labels) are cached as JSON under `cache_dir`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import time
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from musilingo_jax.data import render as render_lib
+
+VERSION = 1
+SPLITS = ("train", "test")
+QUESTION_KINDS = ("instrument", "tempo", "bpm", "key", "time_signature", "composer", "caption")
+INSTRUMENTS = tuple(render_lib.INSTRUMENTS)
+# tempo class -> BPM grid (quarter notes per minute); gaps between classes keep them audibly apart
+TEMPO_CLASSES = {"slow": tuple(range(60, 81, 5)), "moderate": tuple(range(95, 121, 5)),
+                 "fast": tuple(range(135, 171, 5))}
+TRANSPOSE_RANGE = (-3, 3)
+# corpus folder -> (label, display name, file suffixes, max file size in bytes: bounds the parse time)
+COMPOSERS = {
+    "bach": ("bach", "Bach", (".mxl",), 40_000),
+    "beethoven": ("beethoven", "Beethoven", (".mxl",), 80_000),
+    "haydn": ("haydn", "Haydn", (".mxl",), 80_000),
+    "monteverdi": ("monteverdi", "Monteverdi", (".mxl",), 80_000),
+    "mozart": ("mozart", "Mozart", (".mxl",), 80_000),
+    "palestrina": ("palestrina", "Palestrina", (".krn",), 10_000),
+    "schumann_robert": ("schumann", "Schumann", (".mxl", ".xml"), 130_000),
+}
+EXCLUDE = ("schumann_robert/dichterliebe_no2.xml",)   # the same song as schumann_robert/opus48no2.mxl
+MIN_QUARTERS = 16          # shorter pieces are skipped
+MAX_MEASURES = 48          # MusicXML measures parsed per piece (3/8: 72 quarter notes, 25 s at 170 BPM)
+MAX_QUARTERS = 256         # notes kept per piece (a 90 s clip at 170 BPM)
+ANALYSIS_QUARTERS = 32     # the opening used for key analysis and the time-signature check
+DORIAN_MARGIN = 0.1
+KEY_NAMES = {  # tonic pitch class -> spelling with the fewer accidentals (ties: sharps for major, flats for minor)
+    "major": ("C", "D-flat", "D", "E-flat", "E", "F", "F-sharp", "G", "A-flat", "A", "B-flat", "B"),
+    "minor": ("C", "C-sharp", "D", "E-flat", "E", "F", "F-sharp", "G", "G-sharp", "A", "B-flat", "B"),
+}
+QUESTIONS = {
+    "instrument": ("What instrument is playing?", "Which instrument plays this piece?",
+                   "What instrument do you hear in this recording?"),
+    "tempo": ("Is the tempo slow, moderate or fast?", "How fast is this piece?",
+              "What is the tempo of this music?"),
+    "bpm": ("What is the tempo in BPM?", "About how many beats per minute is this piece?",
+            "Estimate the BPM of this music."),
+    "key": ("What key is this piece in?", "In which key is this music?", "What is the key of this piece?"),
+    "time_signature": ("What is the time signature?", "What meter is this piece in?",
+                       "What is the time signature of this music?"),
+    "composer": ("Who composed this piece?", "Who is the composer of this music?", "Which composer wrote this?"),
+    "caption": ("Describe this music.", "Give a short description of this piece.", "Describe what you hear."),
+}
+_DISPLAY = {label: display for label, display, _, _ in COMPOSERS.values()}
+_CAPTION_TEMPO = {"slow": "slow", "moderate": "moderate-tempo", "fast": "fast"}
+
+
+class SkipPiece(Exception):
+  """A corpus piece we cannot label or render; the reason goes into meta["skipped"]."""
+
+
+# ---------------------------------------------------------------------------------------- answers
+
+def key_name(tonic_pc: int, mode: str) -> str:
+  return f"{KEY_NAMES[mode][tonic_pc % 12]} {mode}"
+
+
+def tempo_class(bpm: float) -> str:
+  for name, grid in TEMPO_CLASSES.items():
+    if grid[0] <= bpm <= grid[-1]:
+      return name
+  raise ValueError(f"bpm={bpm} is outside every tempo class {TEMPO_CLASSES}")
+
+
+def answer_for(kind: str, labels: dict[str, Any]) -> str:
+  """The templated answer for a question kind, from the structured labels."""
+  composer = _DISPLAY[labels["composer"]]
+  if kind == "instrument":
+    return f"The instrument is the {labels['instrument']}."
+  if kind == "tempo":
+    return f"The tempo is {labels['tempo_class']}."
+  if kind == "bpm":
+    return f"The tempo is about {labels['bpm']} BPM."
+  if kind == "key":
+    return f"The key is {labels['key']}."
+  if kind == "time_signature":
+    return f"The time signature is {labels['time_signature']}."
+  if kind == "composer":
+    return f"The composer is {composer}."
+  if kind == "caption":
+    return (f"A {_CAPTION_TEMPO[labels['tempo_class']]} piece in {labels['key']} in "
+            f"{labels['time_signature']} time, played on the {labels['instrument']}, by {composer}.")
+  raise ValueError(f"unknown question kind {kind!r}; expected one of {QUESTION_KINDS}")
+
+
+# ---------------------------------------------------------------------------------------- corpus pieces
+
+def _corpus_root() -> Path:
+  import music21
+  return Path(music21.__file__).parent / "corpus"
+
+
+def _work_of(piece: str) -> str:
+  """Movements of one work (composer/work/movement) or sections of one Palestrina mass share a work id."""
+  parts = piece.split("/")
+  if parts[0] == "palestrina":
+    m = re.search(r"_(\d+)", parts[-1])
+    return f"palestrina/mass{m.group(1)}" if m else piece
+  return "/".join(parts[:2]) if len(parts) >= 3 else piece
+
+
+def _candidates(root: Path) -> dict[str, list[str]]:
+  """Composer folder -> sorted candidate files (corpus-relative, with suffix)."""
+  out = {}
+  for folder, (_, _, suffixes, max_bytes) in COMPOSERS.items():
+    files = [p for p in (root / folder).rglob("*") if p.suffix in suffixes and "_old" not in p.stem
+             and p.stat().st_size <= max_bytes and p.stat().st_size >= 2_500]
+    out[folder] = sorted(rel for p in files if (rel := p.relative_to(root).as_posix()) not in EXCLUDE)
+  return out
+
+
+def _choose_key(analysis, sharps: int | None) -> tuple[int, str]:
+  """(tonic pitch class, mode) of the opening; see the module docstring for the rule."""
+  from music21 import key as m21key
+  scores = {(k.tonic.pitchClass, k.mode): k.correlationCoefficient
+            for k in [analysis] + list(analysis.alternateInterpretations) if k.mode in ("major", "minor")}
+  top = max(scores, key=scores.get)
+  if sharps is None:
+    return top
+  sig = m21key.KeySignature(sharps)
+  major, minor = sig.asKey("major"), sig.asKey("minor")
+  best = max([(major.tonic.pitchClass, "major"), (minor.tonic.pitchClass, "minor")],
+             key=lambda k: scores.get(k, -1.0))
+  dorian = (top[1] == "minor" and (minor.tonic.pitchClass + 7) % 12 == top[0])   # one flat fewer
+  if dorian and scores[top] - scores.get(best, -1.0) > DORIAN_MARGIN:
+    return top
+  return best
+
+
+def _part_notes(part: int, flat) -> list[tuple[int, float, float, int]]:
+  """(part, start, duration, midi) of a flattened part, tied notes merged (music21's stripTies is ~100x
+  slower on long parts)."""
+  out, open_ties = [], {}   # midi -> index in out of the note a tie continues
+  for n in flat.notes:
+    ql, start = float(n.quarterLength), float(n.offset)
+    if ql <= 0:                                    # grace notes
+      continue
+    members = [(c.pitch, c.tie or n.tie) for c in n.notes] if n.isChord else [(getattr(n, "pitch", None), n.tie)]
+    for p, tie in members:
+      if p is None:                                # unpitched percussion
+        continue
+      midi, kind = int(round(p.ps)), (tie.type if tie is not None else None)
+      j = open_ties.get(midi)
+      if kind in ("stop", "continue") and j is not None and abs(out[j][1] + out[j][2] - start) < 1e-6:
+        out[j] = (part, out[j][1], start + ql - out[j][1], midi)
+        if kind == "stop":
+          del open_ties[midi]
+        continue
+      out.append((part, start, ql, midi))
+      if kind in ("start", "continue"):
+        open_ties[midi] = len(out) - 1
+      else:
+        open_ties.pop(midi, None)
+  return out
+
+
+def _read_score(path: Path):
+  """music21 score of a corpus file; MusicXML is cut to its first MAX_MEASURES measures before music21
+  sees it (its parser costs ~10 ms per measure, and we only need the opening)."""
+  from music21 import converter
+  if path.suffix not in (".mxl", ".xml", ".musicxml"):
+    return converter.parse(str(path), forceSource=True)
+  if path.suffix == ".mxl":
+    with zipfile.ZipFile(path) as z:
+      names = [n for n in z.namelist() if not n.startswith("META-INF") and n.endswith((".xml", ".musicxml"))]
+      data = z.read(names[0])
+  else:
+    data = path.read_bytes()
+  root = ET.fromstring(data)
+  if root.tag == "score-partwise":
+    for part in root.findall("part"):
+      for m in part.findall("measure")[MAX_MEASURES:]:
+        part.remove(m)
+  elif root.tag == "score-timewise":
+    for m in root.findall("measure")[MAX_MEASURES:]:
+      root.remove(m)
+  return converter.parseData(ET.tostring(root, encoding="unicode"), format="musicxml")
+
+
+def extract_piece(relpath: str, root: Path | None = None) -> dict[str, Any]:
+  """Parse one corpus file into JSON-able notes + labels; raises SkipPiece with a reason."""
+  from music21 import key as m21key, meter, stream
+  root = root or _corpus_root()
+  score = _read_score(root / relpath)
+  if isinstance(score, stream.Opus):
+    raise SkipPiece("an opus of several pieces")
+  parts = list(score.parts) or [score]
+  notes = []
+  for i, part in enumerate(parts):
+    notes += _part_notes(i, part.flatten())
+  if not notes:
+    raise SkipPiece("no pitched notes")
+  notes.sort(key=lambda x: (x[1], x[0], x[3]))
+  first = notes[0][1]
+  notes = [(p, s - first, d, m) for p, s, d, m in notes if s - first < MAX_QUARTERS]
+  length = max(s + d for _, s, d, _ in notes)
+  if length < MIN_QUARTERS:
+    raise SkipPiece(f"too short ({length:g} quarter notes < {MIN_QUARTERS})")
+
+  flat0 = parts[0].flatten()
+  opening = first + ANALYSIS_QUARTERS
+  sigs = [ts for ts in flat0.getElementsByClass(meter.TimeSignature) if ts.offset < opening]
+  if not sigs:
+    raise SkipPiece("no time signature")
+  if len({ts.ratioString for ts in sigs}) > 1:
+    raise SkipPiece("time signature changes in the opening: " + ", ".join(ts.ratioString for ts in sigs))
+  keysigs = [k for k in flat0.getElementsByClass(m21key.KeySignature) if k.offset <= first]
+  sharps = keysigs[-1].sharps if keysigs else None
+  head = score.flatten().notes.getElementsByOffset(first, opening, includeEndBoundary=False).stream()
+  tonic, mode = _choose_key(head.analyze("key"), sharps)
+  return {"piece": relpath.rsplit(".", 1)[0], "file": relpath, "composer": COMPOSERS[relpath.split("/")[0]][0],
+          "work": _work_of(relpath.rsplit(".", 1)[0]), "time_signature": sigs[0].ratioString,
+          "key_tonic": tonic, "key_mode": mode, "key_signature": sharps, "parts": len(parts),
+          "quarters": length, "notes": [list(n) for n in notes]}
+
+
+def _cache_file(cache_dir: Path, root: Path, relpath: str) -> Path:
+  import music21
+  st = (root / relpath).stat()
+  ident = f"{VERSION}|{MAX_MEASURES}|{MAX_QUARTERS}|{music21.__version__}|{relpath}|{st.st_size}|{st.st_mtime_ns}"
+  return cache_dir / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.json"
+
+
+def _parse_job(args) -> tuple[str, dict | None, str | None]:
+  """Worker: (relpath, piece or None, skip reason or None), through the JSON cache when given."""
+  relpath, cache_dir = args
+  root = _corpus_root()
+  cache = _cache_file(Path(cache_dir), root, relpath) if cache_dir else None
+  if cache is not None and cache.is_file():
+    with open(cache, encoding="utf-8") as f:
+      cached = json.load(f)
+    return relpath, cached.get("piece"), cached.get("skip")
+  try:
+    piece, skip = extract_piece(relpath, root), None
+  except SkipPiece as err:
+    piece, skip = None, str(err)
+  except Exception as err:  # music21 raises many types on odd files; the piece is skipped and named
+    piece, skip = None, f"{type(err).__name__}: {str(err)[:200]}"
+  if cache is not None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"piece": piece, "skip": skip}, f)
+    os.replace(tmp, cache)
+  # the cached and the fresh path return identical values (floats survive the JSON round trip)
+  return relpath, json.loads(json.dumps(piece)), skip
+
+
+def _queues(root: Path, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+  """A seeded composer order; per composer its candidate files in a seeded order; the works test may use
+  (half of each composer's works, at least one), so every test composer keeps works for training."""
+  rng = np.random.default_rng([seed, 1])
+  cands = _candidates(root)
+  order = [c for c in sorted(cands) if cands[c]]
+  order = [order[i] for i in rng.permutation(len(order))]
+  queues, test_ok = {}, set()
+  for folder in order:
+    works: dict[str, list[str]] = {}
+    for f in cands[folder]:
+      works.setdefault(_work_of(f.rsplit(".", 1)[0]), []).append(f)
+    names = [sorted(works)[w] for w in rng.permutation(len(works))]
+    files = {w: [works[w][i] for i in rng.permutation(len(works[w]))] for w in names}
+    # round-robin over the works, so consecutive picks come from different works
+    queues[folder] = [files[w][i] for i in range(max(map(len, files.values()))) for w in names
+                      if i < len(files[w])]
+    test_ok.update(names[:max(1, len(names) // 2)])   # the other half is kept for training
+  return order, queues, test_ok
+
+
+def _select_pieces(num: dict[str, int], seed: int, pool_map, cache_dir, progress: bool):
+  """Fill the test slots, then the train slots, round-robin over the composer order, replacing failures.
+
+  Returns ({split: [piece, ...]}, [{"piece", "reason"}, ...]). Deterministic: candidates are taken in a
+  seeded order and results are placed in slot order, whatever order the workers finish in. Train never
+  takes a file of a work used in test. Test slots use only the composers that train slots will get.
+  """
+  from tqdm import tqdm
+  order, queues, test_ok = _queues(_corpus_root(), seed)
+  chosen = {s: [] for s in SPLITS}
+  skipped, test_works, tried = [], set(), set()
+
+  def next_candidate(folder: str, composers: list[str], split: str) -> str | None:
+    for c in [folder] + [c for c in composers if c != folder]:   # an exhausted composer falls over
+      for f in queues[c]:
+        work = _work_of(f.rsplit(".", 1)[0])
+        if f not in tried and (work in test_ok if split == "test" else work not in test_works):
+          tried.add(f)
+          return f
+    return None
+
+  bar = tqdm(total=num["test"] + num["train"], desc="parse", unit="piece", disable=not progress)
+  for split in ("test", "train"):
+    composers = order[:min(len(order), num["train"])] if split == "test" else order
+    slots = [composers[i % len(composers)] for i in range(num[split])]
+    while slots:
+      batch = [(folder, f) for folder in slots if (f := next_candidate(folder, composers, split)) is not None]
+      if not batch:
+        break
+      slots = []
+      results = pool_map(_parse_job, [(f, cache_dir) for _, f in batch])
+      for (folder, f), (_, piece, skip) in zip(batch, results):
+        if piece is None:
+          skipped.append({"piece": f, "reason": skip})
+          slots.append(folder)
+          continue
+        if split == "test":
+          test_works.add(piece["work"])
+        chosen[split].append(piece)
+        bar.update(1)
+  bar.close()
+  unseen = {p["composer"] for p in chosen["test"]} - {p["composer"] for p in chosen["train"]}
+  if unseen:
+    raise RuntimeError(f"test composers {sorted(unseen)} have no training piece (too few candidates); "
+                       "raise num_train_pieces")
+  return chosen, skipped
+
+
+# ---------------------------------------------------------------------------------------- clips
+
+def _clip_specs(pieces: list[dict], split: str, clips_per_piece: int, seed: int) -> list[dict]:
+  """Instrument and tempo class cycle through seeded permutations (balanced); BPM and transpose are drawn."""
+  rng = np.random.default_rng([seed, 2, SPLITS.index(split)])
+  n = len(pieces) * clips_per_piece
+  reps = lambda k: np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]   # noqa: E731
+  instruments, tempos = reps(len(INSTRUMENTS)), reps(len(TEMPO_CLASSES))
+  specs = []
+  for i, piece in enumerate(pieces):
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", piece["piece"]).strip("_")
+    for c in range(clips_per_piece):
+      j = i * clips_per_piece + c
+      klass = tuple(TEMPO_CLASSES)[tempos[j]]
+      instrument = INSTRUMENTS[instruments[j]]
+      bpm = int(rng.choice(TEMPO_CLASSES[klass]))
+      transpose = int(rng.integers(TRANSPOSE_RANGE[0], TRANSPOSE_RANGE[1] + 1))
+      labels = {"instrument": instrument, "gm_program": render_lib.INSTRUMENTS[instrument], "bpm": bpm,
+                "tempo_class": klass, "key": key_name(piece["key_tonic"] + transpose, piece["key_mode"]),
+                "time_signature": piece["time_signature"], "composer": piece["composer"],
+                "piece": piece["piece"], "transpose": transpose}
+      phrasing = rng.integers(0, 3, size=len(QUESTION_KINDS))
+      specs.append({"clip_id": f"{slug}_{c:02d}", "labels": labels, "piece_index": i,
+                    "phrasing": [int(p) for p in phrasing], "noise_seed": int(rng.integers(2**31))})
+  return specs
+
+
+def clip_notes(piece: dict, bpm: float, transpose: int, clip_seconds: float) -> np.ndarray:
+  """[N, 4] (part, start, duration, pitch) of the notes that start inside the clip, transposed."""
+  end_q = clip_seconds * bpm / 60.0
+  notes = np.asarray([n for n in piece["notes"] if n[1] < end_q], np.float64).reshape(-1, 4)
+  notes[:, 3] += transpose
+  return notes
+
+
+def _render_job(args) -> tuple[str, float]:
+  """Worker: render one clip and write its wav; returns (clip_id, rms)."""
+  notes, labels, n_samples, renderer, soundfont, noise_seed, path = args
+  audio = render_lib.render(notes, bpm=labels["bpm"], instrument=labels["instrument"], n_samples=n_samples,
+                            renderer=renderer, soundfont=soundfont, seed=noise_seed)
+  render_lib.write_wav(path, audio)
+  return os.path.basename(path), float(np.sqrt(np.mean(np.square(audio))))
+
+
+def _examples(spec: dict) -> list[dict]:
+  clip_id, labels = spec["clip_id"], spec["labels"]
+  return [{"id": f"{clip_id}-{kind}", "clip_id": clip_id, "audio": f"audio/{clip_id}.wav",
+           "question": QUESTIONS[kind][spec["phrasing"][k]], "answer": answer_for(kind, labels),
+           "kind": kind, "labels": labels} for k, kind in enumerate(QUESTION_KINDS)]
+
+
+# ---------------------------------------------------------------------------------------- build / load
+
+def default_cache_dir() -> Path:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return Path(base) / "musilingo_jax" / "demo_scores"
+
+
+def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: int = 10,
+                       clips_per_piece: int = 6, clip_seconds: float = 10.0, seed: int = 0,
+                       renderer: str = "auto", workers: int = 2, cache_dir=True,
+                       progress: bool = True) -> dict:
+  """Build (or reuse) the demo dataset under out_dir; returns meta (also written to out_dir/meta.json).
+
+  cache_dir: True = default_cache_dir(), a path, or None/False to parse every piece afresh.
+  """
+  from tqdm import tqdm
+  if num_train_pieces < 1 or num_test_pieces < 1 or clips_per_piece < 1 or clip_seconds <= 0:
+    raise ValueError("num_train_pieces, num_test_pieces, clips_per_piece and clip_seconds must be positive")
+  out = Path(out_dir)
+  resolved, soundfont = render_lib.resolve_renderer(renderer)
+  params = {"version": VERSION, "num_train_pieces": num_train_pieces, "num_test_pieces": num_test_pieces,
+            "clips_per_piece": clips_per_piece, "clip_seconds": float(clip_seconds), "seed": seed,
+            "renderer": resolved, "soundfont": soundfont}
+  meta_file = out / "meta.json"
+  if meta_file.is_file():
+    with open(meta_file, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("params") == params and all((out / f"{s}.json").is_file() for s in SPLITS):
+      print(f"demo dataset: reusing {out} (same parameters, built {meta.get('built_at')})")
+      return meta
+    meta_file.unlink()
+  t0 = time.time()
+  cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
+  (out / "audio").mkdir(parents=True, exist_ok=True)
+
+  pool = None
+  if workers > 1:
+    ctx = multiprocessing.get_context("forkserver")   # clean workers even if the caller imported jax
+    ctx.set_forkserver_preload(["musilingo_jax.data.demo"])
+    pool = ctx.Pool(workers)
+  pool_map = (lambda fn, xs: pool.map(fn, xs, chunksize=1)) if pool else (lambda fn, xs: list(map(fn, xs)))
+  try:
+    chosen, skipped = _select_pieces({"train": num_train_pieces, "test": num_test_pieces}, seed, pool_map,
+                                     str(cache) if cache else None, progress)
+    t_parse = time.time() - t0
+    n_samples = int(round(clip_seconds * render_lib.SAMPLE_RATE))
+    specs = {s: _clip_specs(chosen[s], s, clips_per_piece, seed) for s in SPLITS}
+    jobs = [(clip_notes(chosen[s][sp["piece_index"]], sp["labels"]["bpm"], sp["labels"]["transpose"],
+                        clip_seconds), sp["labels"], n_samples, resolved, soundfont, sp["noise_seed"],
+             str(out / "audio" / f"{sp['clip_id']}.wav")) for s in SPLITS for sp in specs[s]]
+    results = pool.imap(_render_job, jobs, chunksize=1) if pool else map(_render_job, jobs)
+    silent = [name for name, rms in tqdm(results, total=len(jobs), desc=f"render ({resolved})", unit="clip",
+                                         disable=not progress) if rms < 1e-4]
+  finally:
+    if pool:
+      pool.close()
+      pool.join()
+  if silent:
+    raise RuntimeError(f"{len(silent)} rendered clips are silent, e.g. {silent[:3]}")
+  keep = {f"{sp['clip_id']}.wav" for s in SPLITS for sp in specs[s]}
+  for stale in (out / "audio").glob("*.wav"):   # left over from a build with other parameters
+    if stale.name not in keep:
+      stale.unlink()
+  for s in SPLITS:
+    with open(out / f"{s}.json", "w", encoding="utf-8") as f:
+      json.dump([ex for sp in specs[s] for ex in _examples(sp)], f, indent=1)
+
+  composers = {s: sorted({p["composer"] for p in chosen[s]}) for s in SPLITS}
+  meta = {
+      "version": VERSION, "params": params, "renderer": resolved, "soundfont": soundfont,
+      "fluidsynth_version": render_lib.fluidsynth_version() if resolved == "fluidsynth" else None,
+      "seed": seed, "sample_rate": render_lib.SAMPLE_RATE, "clip_seconds": float(clip_seconds),
+      "clip_samples": n_samples, "question_kinds": list(QUESTION_KINDS),
+      "counts": {**{f"{s}_pieces": len(chosen[s]) for s in SPLITS}, **{f"{s}_clips": len(specs[s]) for s in SPLITS},
+                 **{f"{s}_examples": len(specs[s]) * len(QUESTION_KINDS) for s in SPLITS},
+                 "skipped_pieces": len(skipped)},
+      "composers": composers, "instruments": {name: render_lib.INSTRUMENTS[name] for name in INSTRUMENTS},
+      "tempo_classes": {k: [v[0], v[-1]] for k, v in TEMPO_CLASSES.items()},
+      "pieces": {s: [p["piece"] for p in chosen[s]] for s in SPLITS},
+      "skipped": skipped,
+      "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "build_seconds": {"parse": round(t_parse, 2), "total": round(time.time() - t0, 2)},
+  }
+  tmp = out / "meta.json.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, meta_file)
+  return meta
+
+
+def load_demo_split(data_dir, split: str) -> list[dict]:
+  """The entries of DIR/{split}.json (audio paths stay relative to DIR)."""
+  if split not in SPLITS:
+    raise ValueError(f"split={split!r}; expected one of {SPLITS}")
+  file = Path(data_dir) / f"{split}.json"
+  if not file.is_file():
+    raise FileNotFoundError(f"{file}: no demo split here; build it with scripts/make_demo_data.py --out {data_dir}")
+  with open(file, encoding="utf-8") as f:
+    return json.load(f)

@@ -1,0 +1,414 @@
+"""Precomputed examples in ArrayRecord shards: the record format, and the resumable writer behind
+`scripts/precompute.py`.
+
+Record = one msgpack map (schema 1); numpy arrays are maps {"__nd__": dtype.str, "shape", "data"}:
+  schema       1
+  id, dataset, split       str
+  question     str | None (None: stage-1 caption, no template)
+  answer       str
+  audio        int16 (x * 32767, clipped) or float16 [n] at 24 kHz, the crop/padded window; absent with
+               features only
+  audio_len    int, true (unpadded) samples at 24 kHz;  sample_rate  24000
+  source, source_rate, crop_start   the file, its native rate, and the crop start in native samples
+  features     float16/float32 [T', D] pooled encoder features of the stored window (optional)
+  kind, labels (JSON text)  when the annotation has them (demo set)
+  extra        JSON text of the remaining annotation fields
+
+Shards are `{split}-{i:05d}-of-{n:05d}.array_record` (group_size 1: cheap random access). Each finished
+shard has a `.json` sidecar with its counts, so a rerun skips it and still reports it; both files are
+written under temporary names and renamed (sidecar first, shard last: the shard's presence = done).
+`{split}-manifest.json` pins the settings a resume must share; `{split}-report.json` is the final report.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import msgpack
+import numpy as np
+
+from musilingo_jax.data import audio as audio_lib
+from musilingo_jax.data import readers
+
+SCHEMA = 1
+SKIP_REASONS = audio_lib.BAD_AUDIO_REASONS + ("empty_answer", "over_long_text")
+AUDIO_DTYPES = {"int16": np.int16, "float16": np.float16}
+TRAIN_SPLITS = ("train", "pretrain", "finetune")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Serialization
+
+
+def _pack_default(obj):
+  if isinstance(obj, np.ndarray):
+    arr = np.ascontiguousarray(obj)
+    return {"__nd__": arr.dtype.str, "shape": list(arr.shape), "data": arr.tobytes()}
+  if isinstance(obj, np.generic):
+    return obj.item()
+  raise TypeError(f"cannot serialize {type(obj).__name__} in a record")
+
+
+def _unpack_hook(d: dict):
+  if "__nd__" in d:
+    return np.frombuffer(d["data"], dtype=np.dtype(d["__nd__"])).reshape(d["shape"])
+  return d
+
+
+def encode_record(example: dict[str, Any]) -> bytes:
+  """A dict of str/int/float/bool/None/bytes/numpy arrays -> bytes."""
+  return msgpack.packb(example, default=_pack_default, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  """Inverse of `encode_record` (arrays come back read-only, sharing the buffer)."""
+  out = msgpack.unpackb(data, object_hook=_unpack_hook, raw=False)
+  if not isinstance(out, dict) or out.get("schema") != SCHEMA:
+    raise ValueError(f"not a schema-{SCHEMA} record")
+  return out
+
+
+def quantize_audio(x: np.ndarray, dtype: str) -> np.ndarray:
+  if dtype == "int16":
+    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+  if dtype == "float16":
+    return x.astype(np.float16)
+  raise ValueError(f"audio dtype must be one of {sorted(AUDIO_DTYPES)}, got {dtype!r}")
+
+
+def dequantize_audio(a: np.ndarray) -> np.ndarray:
+  """Stored audio -> float32 in [-1, 1]."""
+  if a.dtype == np.int16:
+    return a.astype(np.float32) * np.float32(1 / 32767)
+  return a.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# File names
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def shard_files(out_dir: str | os.PathLike, split: str) -> list[str]:
+  """The finished shards of a split, in order."""
+  return sorted(str(p) for p in Path(out_dir).glob(f"{split}-?????-of-?????.array_record"))
+
+
+def report_path(out_dir, split) -> Path:
+  return Path(out_dir) / f"{split}-report.json"
+
+
+def manifest_path(out_dir, split) -> Path:
+  return Path(out_dir) / f"{split}-manifest.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precompute
+
+
+@dataclasses.dataclass
+class PrecomputeConfig:
+  dataset: str
+  data_dir: str
+  split: str
+  out_dir: str
+  musicinstruct_file: str = "all"
+  audio_dtype: str = "int16"
+  shard_size: int = 1024
+  workers: int = 4
+  seed: int = 0
+  crop: str | None = None          # None: random for training splits, start otherwise
+  min_seconds: float = 1.0
+  max_text_chars: int = 8192
+  features: str | None = None      # None | "also" | "only" (needs encoder_fn)
+  features_dtype: str = "float16"
+  encoder: str | None = None       # recorded in the manifest (where the features came from)
+  pool_frames: int = 325           # recorded in the manifest (encoder_fn applies it)
+  progress: bool = True
+
+  def resolved_crop(self) -> str:
+    return self.crop or ("random" if self.split.lower() in TRAIN_SPLITS else "start")
+
+  def manifest(self, num_samples: int, num_shards: int) -> dict:
+    return {"schema": SCHEMA, "dataset": self.dataset, "split": self.split,
+            "musicinstruct_file": self.musicinstruct_file if self.dataset == "musicinstruct" else None,
+            "audio_dtype": self.audio_dtype, "shard_size": self.shard_size, "seed": self.seed,
+            "crop": self.resolved_crop(), "min_seconds": self.min_seconds,
+            "max_text_chars": self.max_text_chars, "features": self.features,
+            "features_dtype": self.features_dtype if self.features else None, "encoder": self.encoder,
+            "pool_frames": self.pool_frames if self.features else None,
+            "native_window": audio_lib.NATIVE_WINDOW[self.dataset], "num_samples": num_samples,
+            "num_shards": num_shards}
+
+
+class _ClipCache:
+  """Recently decoded clips (MusicQA has ~9 questions per clip, usually adjacent). Thread-safe."""
+
+  def __init__(self, size: int):
+    self._size, self._items, self._lock = size, collections.OrderedDict(), threading.Lock()
+
+  def get(self, source: readers.AudioSource):
+    key = (source.path, source.sample_rate)
+    with self._lock:
+      if key in self._items:
+        self._items.move_to_end(key)
+        return self._items[key]
+    try:
+      value = audio_lib.read_audio(source.path, source.sample_rate)
+    except audio_lib.BadAudio as err:
+      value = err
+    with self._lock:
+      self._items[key] = value
+      while len(self._items) > self._size:
+        self._items.popitem(last=False)
+    return value
+
+
+def _bounded_map(pool: cf.Executor, fn: Callable, items: Iterable, in_flight: int) -> Iterator:
+  """pool.map in order, holding at most `in_flight` results (audio is large)."""
+  pending: collections.deque = collections.deque()
+  for item in items:
+    pending.append(pool.submit(fn, item))
+    if len(pending) >= in_flight:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
+
+
+def _skip(sample: readers.Sample, reason: str, detail: str) -> dict:
+  return {"id": sample.id, "reason": reason, "detail": detail, "path": sample.audio_source.path}
+
+
+def precompute(cfg: PrecomputeConfig,
+               encoder_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+  """Writes the shards of one split and returns (and writes) the report. Resumable.
+
+  encoder_fn: 24 kHz float32 window [S] -> pooled features [T', D] (required with cfg.features).
+  """
+  if cfg.features not in (None, "also", "only"):
+    raise ValueError(f"features must be None, 'also' or 'only', got {cfg.features!r}")
+  if cfg.features and encoder_fn is None:
+    raise ValueError("features requested but no encoder given")
+  quantize_audio(np.zeros(1, np.float32), cfg.audio_dtype)  # validates the dtype name
+  if cfg.dataset not in readers.DATASETS:
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; expected one of {readers.DATASETS}")
+  samples = list(readers.read_samples(cfg.dataset, cfg.data_dir, cfg.split,
+                                      musicinstruct_file=cfg.musicinstruct_file))
+  out = Path(cfg.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  n_shards = max(1, math.ceil(len(samples) / cfg.shard_size))
+  manifest = cfg.manifest(len(samples), n_shards)
+  mpath = manifest_path(out, cfg.split)
+  if mpath.is_file():
+    old = json.loads(mpath.read_text())
+    diff = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+    if diff:
+      lines = ", ".join(f"{k}: was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+      raise ValueError(f"{out} already holds {cfg.split} shards made with other settings ({lines}); "
+                       "use another --out or delete them")
+  else:
+    _atomic_write_text(mpath, json.dumps(manifest, indent=1))
+
+  crop = cfg.resolved_crop()
+  window = audio_lib.NATIVE_WINDOW[cfg.dataset]
+  cache = _ClipCache(size=max(8, 2 * cfg.workers))
+  features_cache: collections.OrderedDict = collections.OrderedDict()
+
+  def load(item):
+    index, sample = item
+    answer, question = sample.answer, sample.question or ""
+    if not answer.strip():
+      return sample, _skip(sample, "empty_answer", "answer is empty")
+    longest = max(len(answer), len(question))
+    if longest > cfg.max_text_chars:
+      return sample, _skip(sample, "over_long_text", f"{longest} characters > {cfg.max_text_chars}")
+    clip = cache.get(sample.audio_source)
+    if isinstance(clip, audio_lib.BadAudio):
+      return sample, _skip(sample, clip.reason, clip.detail)
+    rng = np.random.default_rng([cfg.seed, index])
+    try:
+      win = audio_lib.load_window(sample.audio_source.path, native_window=window, crop=crop, rng=rng,
+                                  min_seconds=cfg.min_seconds, clip=clip)
+    except audio_lib.BadAudio as err:
+      return sample, _skip(sample, err.reason, err.detail)
+    except Exception as err:  # noqa: BLE001 - a corrupt input never stops the run
+      return sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
+    return sample, win
+
+  def features_of(sample, win):
+    key = (sample.audio_source.path, win.start)
+    if key in features_cache:
+      return features_cache[key]
+    feats = np.asarray(encoder_fn(win.audio), np.float32)
+    if feats.ndim != 2:
+      raise RuntimeError(f"encoder_fn must return [T', D] features, got shape {feats.shape}")
+    features_cache[key] = feats
+    while len(features_cache) > 16:
+      features_cache.popitem(last=False)
+    return feats
+
+  from tqdm import tqdm
+  shard_stats: list[dict] = []
+  resumed = 0
+  t0 = time.time()
+  done_before = 0
+  todo = []
+  for i in range(n_shards):
+    final = out / shard_name(cfg.split, i, n_shards)
+    side = final.with_name(final.name + ".json")
+    if final.is_file() and side.is_file():
+      shard_stats.append(json.loads(side.read_text()))
+      resumed += 1
+      done_before += len(samples[i * cfg.shard_size:(i + 1) * cfg.shard_size])
+    else:
+      shard_stats.append(None)
+      todo.append(i)
+
+  from array_record.python import array_record_module
+  bar = tqdm(total=len(samples), initial=done_before, unit="ex", disable=not cfg.progress,
+             desc=f"{cfg.dataset}/{cfg.split}")
+  with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+    for i in todo:
+      final = out / shard_name(cfg.split, i, n_shards)
+      side = final.with_name(final.name + ".json")
+      tmp = final.with_name(f".{final.name}.tmp")
+      lo = i * cfg.shard_size
+      chunk = list(enumerate(samples[lo:lo + cfg.shard_size], start=lo))
+      stats = {"shard": final.name, "samples": len(chunk), "written": 0, "skipped": [],
+               "audio_samples": 0, "max_audio_samples": 0, "feature_frames": 0, "feature_dim": 0}
+      writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+      try:
+        for sample, res in _bounded_map(pool, load, chunk, in_flight=2 * max(1, cfg.workers) + 2):
+          bar.update(1)
+          if isinstance(res, dict):
+            stats["skipped"].append(res)
+            continue
+          record = {"schema": SCHEMA, "id": sample.id, "dataset": cfg.dataset, "split": cfg.split,
+                    "question": sample.question, "answer": sample.answer, "audio_len": res.length,
+                    "sample_rate": audio_lib.TARGET_SR, "source": sample.audio_source.path,
+                    "source_rate": res.native_rate, "crop_start": res.start}
+          if cfg.features != "only":
+            record["audio"] = quantize_audio(res.audio, cfg.audio_dtype)
+          if cfg.features:
+            feats = features_of(sample, res)
+            if not np.isfinite(feats).all():
+              stats["skipped"].append(_skip(sample, "nan", "encoder features are not finite"))
+              continue
+            record["features"] = feats.astype(cfg.features_dtype)
+            stats["feature_frames"] = max(stats["feature_frames"], feats.shape[0])
+            stats["feature_dim"] = feats.shape[1]
+          extra = dict(sample.extra)
+          for key in ("kind", "labels"):
+            if key in extra:
+              value = extra.pop(key)
+              record[key] = value if key == "kind" else json.dumps(value)
+          record["extra"] = json.dumps(extra, default=str)
+          writer.write(encode_record(record))
+          stats["written"] += 1
+          stats["audio_samples"] += res.length
+          stats["max_audio_samples"] = max(stats["max_audio_samples"], len(res.audio))
+      finally:
+        writer.close()
+      _atomic_write_text(side, json.dumps(stats))
+      os.replace(tmp, final)
+      shard_stats[i] = stats
+  bar.close()
+  report = _report(cfg, manifest, shard_stats, resumed, time.time() - t0)
+  _atomic_write_text(report_path(out, cfg.split), json.dumps(report, indent=1))
+  return report
+
+
+def _report(cfg: PrecomputeConfig, manifest: dict, shard_stats: Sequence[dict], resumed: int,
+            seconds: float) -> dict:
+  skipped = [s for st in shard_stats for s in st["skipped"]]
+  by_reason = {r: 0 for r in SKIP_REASONS}
+  for s in skipped:
+    by_reason[s["reason"]] += 1
+  return {
+      **manifest,
+      "out_dir": str(cfg.out_dir),
+      "data_dir": str(cfg.data_dir),
+      "written": sum(st["written"] for st in shard_stats),
+      "skipped": len(skipped),
+      "skipped_by_reason": by_reason,
+      "skipped_ids": skipped,
+      "audio_hours": sum(st["audio_samples"] for st in shard_stats) / audio_lib.TARGET_SR / 3600,
+      "max_audio_samples": max(st["max_audio_samples"] for st in shard_stats),
+      "feature_frames": max(st["feature_frames"] for st in shard_stats),
+      "feature_dim": max(st["feature_dim"] for st in shard_stats),
+      "shards": [st["shard"] for st in shard_stats],
+      "shards_resumed": resumed,
+      "seconds": round(seconds, 2),
+  }
+
+
+def format_report(report: dict) -> str:
+  """A few human lines for the console."""
+  lines = [f"{report['dataset']}/{report['split']}: wrote {report['written']} of {report['num_samples']} "
+           f"examples ({report['audio_hours']:.3f} h of audio) into {len(report['shards'])} shards "
+           f"({report['shards_resumed']} already done) in {report['seconds']} s",
+           f"skipped {report['skipped']}: " + ", ".join(f"{k} {v}" for k, v in report["skipped_by_reason"].items())]
+  for s in report["skipped_ids"][:20]:
+    lines.append(f"  skipped {s['id']}: {s['reason']} ({s['detail']}) {s['path']}")
+  if report["skipped"] > 20:
+    lines.append(f"  ... and {report['skipped'] - 20} more (see the JSON report)")
+  return "\n".join(lines)
+
+
+def read_report(out_dir, split) -> dict | None:
+  path = report_path(out_dir, split)
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Encoder features
+
+
+def make_encoder_fn(encoder, pool_frames: int) -> Callable[[np.ndarray], np.ndarray]:
+  """A MERT module -> fn(window [S] float32) -> pooled features [T', D] float32, one clip at its own
+  length (no batch padding, so GroupNorm sees only this clip; jit retraces once per distinct length)."""
+  import jax
+  from flax import nnx
+
+  from musilingo_jax.models.musilingo import pooled_features
+  encoder.eval()
+  graphdef, state = nnx.split(encoder)
+
+  @jax.jit
+  def run(state, audio):  # [1, S] -> [1, T', D]
+    return pooled_features(nnx.merge(graphdef, state), audio, pool_frames)
+
+  def fn(window: np.ndarray) -> np.ndarray:
+    return np.asarray(run(state, np.asarray(window, np.float32)[None]))[0]
+  return fn
+
+
+def load_encoder(directory: str | os.PathLike, *, dtype: str = "float32"):
+  """A converted MERT checkpoint directory (HF layout: config.json + safetensors/bin) -> MERT module."""
+  import jax.numpy as jnp
+
+  from musilingo_jax import convert
+  from musilingo_jax.models import mert
+  config = convert.read_config(directory)
+  if config is None:
+    raise ValueError(f"{directory}: no config.json (expected a converted MERT checkpoint directory)")
+  cfg = mert.MERTConfig.from_hf_config(config)
+  source = convert.open_source(directory, expect="encoder")
+  return convert.import_model(mert.MERT, cfg, source, mert.HF_KEY_RULES, dtype=jnp.dtype(dtype))

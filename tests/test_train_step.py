@@ -1,0 +1,321 @@
+"""The composition against a PyTorch reference, both ways in, the sharded step, what trains, LoRA, schedule.
+
+The PyTorch reference is written here from SPEC.md (HubertModel + Linear + LlamaForCausalLM, the
+reference's instruction_prompt_wrap / forward), sharing random weights with ours through the key tables.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from musilingo_jax import convert, prompts, sharding
+from musilingo_jax import train as trainlib
+from musilingo_jax.models import layers, llama, mert
+from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig, causal_lm_loss, pooled_features
+
+POOL = 7
+SAMPLES = 2400  # 0.1 s at 24 kHz -> 7 frames with the conv stack below... computed by the config
+BOS, PAD = 1, 2
+
+
+def _configs(lora=None):
+  enc = mert.MERTConfig.tiny()
+  llm = llama.LlamaConfig.tiny(num_key_value_heads=2)
+  return MusiLingoConfig(encoder=enc, llm=llm, pool_frames=POOL, lora=lora)
+
+
+def _perturb(module: torch.nn.Module, seed: int):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """Tiny random torch models + our model holding the same weights."""
+  torch.manual_seed(0)
+  cfg = _configs()
+  hub = transformers.HubertModel(transformers.HubertConfig(**cfg.encoder.to_hf_config())).eval()
+  lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.llm.to_hf_config())).eval()
+  _perturb(hub, 1)
+  _perturb(lm, 2)
+  proj = torch.nn.Linear(cfg.encoder.hidden_size, cfg.llm.hidden_size)
+  ours = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  convert.load_hf_tensors(ours.encoder, mert.HF_KEY_RULES, {k: v.numpy() for k, v in hub.state_dict().items()})
+  convert.load_hf_tensors(ours.llm, llama.HF_KEY_RULES, {k: v.numpy() for k, v in lm.state_dict().items()},
+                          ignore=llama.hf_ignore_keys(cfg.llm))
+  ours.llama_proj.kernel.set_value(jnp.asarray(proj.weight.detach().numpy().T))
+  ours.llama_proj.bias.set_value(jnp.asarray(proj.bias.detach().numpy()))
+  return cfg, hub, lm, proj, ours
+
+
+def _token_batch(rng, cfg, n_audio):
+  """Two examples with different question and answer lengths (so the reference pads in the middle)."""
+  V = cfg.llm.vocab_size
+  exs = []
+  for la, lt in ((3, 5), (6, 2)):
+    exs.append({"before": rng.integers(3, V, 4).astype(np.int32),
+                "after": rng.integers(3, V, la).astype(np.int32),
+                "answer": rng.integers(3, V, lt).astype(np.int32)})
+  return exs
+
+
+def _torch_reference_loss(hub, lm, proj, audio, exs, pool):
+  """SPEC.md sections 1-2, as the reference's encode_audio / instruction_prompt_wrap / forward do it."""
+  out = hub(torch.tensor(audio), output_hidden_states=True)
+  states = list(out.hidden_states[:-1]) + [out.last_hidden_state]  # transformers 5 quirk (SPEC.md)
+  h = torch.stack(states).transpose(0, 1).mean(-3)  # [B, T, D]
+  B, T, D = h.shape
+  avg = h[:, :T // pool * pool].reshape(B, T // pool, pool, D).mean(2)
+  if T % pool:
+    avg = torch.cat([avg, h[:, T // pool * pool:].reshape(B, 1, T % pool, D).mean(2)], dim=1)
+  audio_embeds = proj(avg)
+
+  def pad(seqs):  # right padding with pad = eos, as the tokenizer does with padding="longest"
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+      ids[i, :len(s)] = torch.tensor(s)
+      att[i, :len(s)] = 1
+    return ids, att
+
+  emb = lm.model.embed_tokens
+  before, atts_b = pad([e["before"] for e in exs])
+  after, atts_a = pad([e["after"] for e in exs])
+  answer, atts_t = pad([e["answer"] for e in exs])
+  wrapped = torch.cat([emb(before), audio_embeds, emb(after)], dim=1)
+  atts = torch.cat([atts_b, torch.ones(audio_embeds.shape[:2], dtype=torch.long), atts_a], dim=1)
+  targets = answer.masked_fill(answer == PAD, -100)
+  targets = torch.cat([torch.full((B, atts.shape[1] + 1), -100), targets], dim=1)
+  bos = emb(torch.full((B, 1), BOS))
+  inputs = torch.cat([bos, wrapped, emb(answer)], dim=1)
+  mask = torch.cat([atts[:, :1], atts, atts_t], dim=1)
+  return lm(inputs_embeds=inputs, attention_mask=mask, labels=targets).loss
+
+
+def _our_batch(cfg, exs, audio, n_audio, max_len=48):
+  batch = prompts.collate(exs, n_audio_tokens=n_audio, max_len=max_len, bos_id=BOS, pad_id=PAD)
+  batch["audio"] = audio
+  return batch
+
+
+def _loss_fn(model, batch):
+  return causal_lm_loss(model(batch), batch["labels"])[0]
+
+
+def test_composition_matches_pytorch_reference(reference):
+  cfg, hub, lm, proj, ours = reference
+  rng = np.random.default_rng(0)
+  samples = 4000
+  audio = rng.standard_normal((2, samples)).astype(np.float32)
+  n_audio = math.ceil(cfg.encoder.feature_lengths(samples) / POOL)
+  exs = _token_batch(rng, cfg, n_audio)
+  ref = _torch_reference_loss(hub, lm, proj, audio, exs, POOL)
+  ref.backward()
+  batch = jax.tree.map(jnp.asarray, _our_batch(cfg, exs, audio, n_audio))
+
+  graphdef, proj_state, rest = trainlib.split_model(ours, "projection")
+
+  def loss_of_proj(p):
+    return _loss_fn(nnx.merge(graphdef, p, rest), batch)
+
+  loss, g = jax.value_and_grad(loss_of_proj)(proj_state)
+  gk, gb = g["llama_proj"]["kernel"].get_value(), g["llama_proj"]["bias"].get_value()
+  np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(gk), proj.weight.grad.numpy().T, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gb), proj.bias.grad.numpy(), rtol=1e-4, atol=1e-6)
+  proj.zero_grad()
+
+
+def test_precomputed_features_give_the_same_loss(reference):
+  cfg, _, _, _, ours = reference
+  rng = np.random.default_rng(1)
+  samples = 4000
+  audio = rng.standard_normal((2, samples)).astype(np.float32)
+  n_audio = math.ceil(cfg.encoder.feature_lengths(samples) / POOL)
+  batch = _our_batch(cfg, _token_batch(rng, cfg, n_audio), audio, n_audio)
+  raw = float(_loss_fn(ours, jax.tree.map(jnp.asarray, batch)))
+  # Precompute clip by clip, as scripts/precompute.py does, then train from the features alone.
+  feats = np.concatenate([np.asarray(pooled_features(ours.encoder, jnp.asarray(audio[i:i + 1]), POOL))
+                          for i in range(2)])
+  pre = dict(batch)
+  del pre["audio"]
+  pre["features"] = feats
+  assert abs(float(_loss_fn(ours, jax.tree.map(jnp.asarray, pre))) - raw) < 1e-5
+
+
+def _features_batch(cfg, seed, rows=8, n_audio=2, max_len=40):
+  rng = np.random.default_rng(seed)
+  exs = []
+  for i in range(rows):
+    exs.append({"before": rng.integers(3, 90, 3).astype(np.int32),
+                "after": rng.integers(3, 90, 2 + i % 3).astype(np.int32),
+                "answer": rng.integers(3, 90, 3 + i % 4).astype(np.int32),
+                "features": rng.standard_normal((n_audio, cfg.encoder.hidden_size)).astype(np.float32)})
+  return prompts.collate(exs, n_audio_tokens=n_audio, max_len=max_len, bos_id=BOS, pad_id=PAD)
+
+
+def _tx(accum=1):
+  sched = trainlib.ScheduleConfig(1e-3, 1e-4, 1e-5, 3, 10, 2)
+  return trainlib.make_optimizer(schedule=trainlib.optimizer_schedule(sched, accum))
+
+
+def _weights(state):
+  """The frozen weights as numpy (rng keys left out)."""
+  return [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(state)
+          if not jax.dtypes.issubdtype(v.get_value().dtype, jax.dtypes.prng_key)]
+
+
+def _run_steps(mesh_shape, rules, n_steps=2, mode="projection", lora=None, accum=1):
+  cfg = _configs(lora)
+  model = MusiLingo(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  graphdef, trainable, frozen = trainlib.split_model(model, mode)
+  tx = _tx(accum)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape)])
+  rep = sharding.replicated(mesh)
+  t_sh = sharding.state_shardings(trainable, mesh, rules)
+  f_sh = sharding.state_shardings(frozen, mesh, rules)
+  o_sh = trainlib.opt_state_shardings(tx, trainable, t_sh, rep)
+  trainable = jax.device_put(trainable, t_sh)
+  frozen = jax.device_put(frozen, f_sh)
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(trainable)
+  step = None
+  losses = []
+  frozen_before = _weights(frozen)
+  for s in range(n_steps):
+    batch = sharding.global_batch(_features_batch(cfg, s, rows=8 * accum), mesh)
+    if step is None:
+      step = trainlib.jit_train_step(
+          trainlib.make_train_step(graphdef, tx, accum_steps=accum), trainable_sh=t_sh, opt_sh=o_sh,
+          frozen_sh=f_sh, batch_sh={k: v.sharding for k, v in batch.items()}, replicated=rep)
+    trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(s))
+    losses.append(float(m["loss"]))
+  return losses, trainable, opt_state, frozen, frozen_before
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return _run_steps((1, 1, 1), "dp")
+
+
+@pytest.mark.parametrize("shape,rules", [((8, 1, 1), "dp"), ((2, 4, 1), "fsdp"), ((2, 2, 2), "fsdp_tp")])
+def test_sharded_step_equals_one_device(single_device_run, shape, rules):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  losses1, t1, *_ = single_device_run
+  losses, t, *_ = _run_steps(shape, rules)
+  np.testing.assert_allclose(losses, losses1, rtol=1e-5, atol=1e-6)
+  for (p, a), (_, b) in zip(nnx.to_flat_state(t), nnx.to_flat_state(t1)):
+    np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-5, atol=1e-6,
+                               err_msg=str(p))
+
+
+def test_frozen_unchanged_and_no_optimizer_state_for_it(single_device_run):
+  losses, trainable, opt_state, frozen, frozen_before = single_device_run
+  paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+  assert paths == {"llama_proj.kernel", "llama_proj.bias"}
+  for a, b in zip(_weights(frozen), frozen_before):
+    np.testing.assert_array_equal(a, b)
+  n_proj = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+  n_opt = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(opt_state))
+  assert n_opt <= 2 * n_proj + 8, "the optimizer holds state beyond the projection's mu and nu"
+  assert losses[1] < losses[0] + 1.0  # it ran and stayed finite
+  assert all(np.isfinite(losses))
+
+
+def test_lora_starts_at_base_model_and_merges():
+  cfg_base, cfg_lora = _configs(), _configs(layers.LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
+  base = MusiLingo(cfg_base, rngs=nnx.Rngs(0))
+  adapted = MusiLingo(cfg_lora, rngs=nnx.Rngs(0))
+  # Same base weights: copy them over by path (the LoRA leaves are extra).
+  base_state = nnx.state(base, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  nnx.update(adapted, base_state)
+  batch = jax.tree.map(jnp.asarray, _features_batch(cfg_base, 0))
+  np.testing.assert_array_equal(np.asarray(base(batch)), np.asarray(adapted(batch)))
+  # Train B away from zero, then merging A B * scale into the kernels gives the same logits.
+  for path, var in nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam)):
+    if path[-1] == "lora_b":
+      var.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), var.get_value().shape))
+  adapted.eval()
+  unmerged = np.asarray(adapted(batch))
+  for path, module in adapted.iter_modules():
+    if isinstance(module, layers.Linear) and module.lora is not None:
+      module.kernel.set_value(module.merged_kernel())
+      module.lora_b.set_value(jnp.zeros_like(module.lora_b[...]))
+  np.testing.assert_allclose(np.asarray(adapted(batch)), unmerged, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(unmerged, np.asarray(base(batch)), atol=1e-4)
+
+
+def test_lora_mode_trains_only_projection_and_adapters():
+  lora = layers.LoRAConfig(rank=2, alpha=4.0, target_modules=("q_proj",))
+  losses, trainable, opt_state, frozen, frozen_before = _run_steps((1, 1, 1), "dp", mode="projection+lora",
+                                                                   lora=lora)
+  names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}
+  assert {"llama_proj.kernel", "llama_proj.bias"} <= names
+  assert all(n.startswith("llama_proj") or n.endswith(("lora_a", "lora_b")) for n in names)
+  assert any("q_proj.lora_b" in n for n in names) and not any("k_proj" in n for n in names)
+  for a, b in zip(_weights(frozen), frozen_before):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_accumulation_sums_micro_batch_gradients():
+  cfg = _configs()
+  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  graphdef, trainable, frozen = trainlib.split_model(model, "projection")
+  big = _features_batch(cfg, 5, rows=8)
+  micro = trainlib._micro_batches(jax.tree.map(jnp.asarray, big), 2)
+
+  def grads(batch):
+    def f(t):
+      m = nnx.merge(graphdef, t, frozen)
+      return causal_lm_loss(m(batch), batch["labels"])[0]
+    return jax.grad(f)(trainable)
+
+  expected = jax.tree.map(jnp.add, grads(jax.tree.map(lambda x: x[0], micro)),
+                          grads(jax.tree.map(lambda x: x[1], micro)))
+  # One SGD step with lr 1 exposes the gradient the step applied.
+  tx = optax.sgd(1.0)
+  step = jax.jit(trainlib.make_train_step(graphdef, tx, accum_steps=2, accum_reduce="sum"))
+  new, _, _ = step(trainable, tx.init(trainable), frozen, jax.tree.map(jnp.asarray, big), jnp.asarray(0))
+  applied = jax.tree.map(lambda a, b: a - b, trainable, new)
+  for a, b in zip(jax.tree.leaves(applied), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  step_mean = jax.jit(trainlib.make_train_step(graphdef, tx, accum_steps=2, accum_reduce="mean"))
+  new_m, _, _ = step_mean(trainable, tx.init(trainable), frozen, jax.tree.map(jnp.asarray, big), jnp.asarray(0))
+  applied_m = jax.tree.map(lambda a, b: a - b, trainable, new_m)
+  for a, b in zip(jax.tree.leaves(applied_m), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_equals_reference_formula():
+  cfg = trainlib.ScheduleConfig(init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=5000,
+                                iters_per_epoch=5000, epochs=6)
+  S = 30000
+
+  def ref(g):
+    if g < 5000:
+      return min(3e-5, 1e-6 + (3e-5 - 1e-6) * g / 5000)
+    return 1e-5 + (3e-5 - 1e-5) * 0.5 * (1 + math.cos(math.pi * g / S))
+
+  for g in (0, 1, 2500, 4999, 5000, 12345, 29999):
+    np.testing.assert_allclose(float(trainlib.reference_lr(cfg, g)), ref(g), rtol=1e-6)
+  sched = trainlib.optimizer_schedule(cfg, accum_steps=16)
+  np.testing.assert_allclose(float(sched(3)), ref(3 * 16 + 15), rtol=1e-6)
+
+
+def test_weight_decay_never_touches_the_bias():
+  params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))}
+  tx = trainlib.make_optimizer(schedule=lambda _: 0.1, weight_decay=0.5)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  np.testing.assert_array_equal(np.asarray(updates["bias"]), 0.0)
+  np.testing.assert_allclose(np.asarray(updates["kernel"]), -0.1 * 0.5, rtol=1e-6)
