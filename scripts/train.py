@@ -30,7 +30,7 @@ def main(argv):
   del argv
   from musilingo_jax import launch
   launch.maybe_initialize_distributed(_MULTIHOST.value)
-  from musilingo_jax import config as cfglib, trainer, demo_report
+  from musilingo_jax import config as cfglib, demo_report, trainer
   c = _CONFIG.value
   workdir = _WORKDIR.value or _default_workdir()
   try:
