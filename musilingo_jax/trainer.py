@@ -170,11 +170,16 @@ def run(c, workdir: str) -> dict[str, Any]:
   if is_main:
     from tqdm import tqdm
     progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  # Fault injection for the resume / NaN tests (environment, so a test can aim at a real subprocess).
+  fault_nan = int(os.environ.get("MUSILINGO_FAULT_NAN_AT_STEP", "-1"))
+  fault_kill = int(os.environ.get("MUSILINGO_FAULT_KILL_AT_STEP", "-1"))
   t_last, tokens_since, last_log_step = time.perf_counter(), 0, start
   step = start
   try:
     while step < num_steps:
       local = next(train_it)
+      if step == fault_nan:
+        local = {k: (v * np.nan if k in ("features", "audio") else v) for k, v in local.items()}
       gbatch = sharding.global_batch(local, mesh)
       if compiled is None:
         batch_sh = {k: v.sharding for k, v in gbatch.items()}
@@ -221,6 +226,8 @@ def run(c, workdir: str) -> dict[str, Any]:
         ckpt.save(step, trainable=trainable, opt_state=opt_state,
                   data_state=data.get_train_state(train_it), config_json=c.to_json_best_effort(),
                   frozen_ref=frozen_ref, metrics=metrics_for_ckpt, force=True)
+      if step == fault_kill:
+        os.kill(os.getpid(), signal.SIGKILL)  # mid-run, possibly while an async save is in flight
       if stop["stop"]:
         print(f"\npreempted: saved step {step} to {ckpt.directory}; re-run the same command to resume",
               flush=True)

@@ -1,0 +1,137 @@
+"""The training driver end to end (smoke preset, real subprocesses): config errors, exact resume after
+kill -9, SIGTERM preemption, the NaN stop, and restoring onto a different device count."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "finetune.py") + ":smoke"]
+
+
+def _env(devices=1, **extra):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["HF_HUB_OFFLINE"] = "1"
+  env.pop("MUSILINGO_FAULT_NAN_AT_STEP", None)
+  env.pop("MUSILINGO_FAULT_KILL_AT_STEP", None)
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+# The smoke run without its end-of-training generation sample, to keep these runs short.
+COMMON = ["--config.eval.generate_samples=0", "--config.eval_every=100"]
+
+
+def _train(workdir, *args, devices=1, check=True, **env):
+  proc = subprocess.run(TRAIN + ["--workdir", str(workdir)] + COMMON + list(args), env=_env(devices, **env),
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"train.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+  return proc
+
+
+def _losses(workdir):
+  rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def _params(workdir, step):
+  path = Path(workdir) / "checkpoints" / str(step) / "trainable"
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(path.absolute())
+  return {k: np.asarray(v) for k, v in tree["llama_proj"].items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  proc = _train(workdir)
+  return workdir, proc
+
+
+def test_smoke_preset_end_to_end(uninterrupted):
+  workdir, proc = uninterrupted
+  losses = _losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+  assert (workdir / "tb").is_dir() and any((workdir / "tb").iterdir())
+  assert "trainable parameters:" in proc.stdout and "llama_proj.kernel" in proc.stdout
+  assert (workdir / "checkpoints" / "4").is_dir()
+  assert (workdir / "demo_report.json").is_file()
+
+
+def test_resume_after_kill_9_is_bitwise_identical(uninterrupted, tmp_path):
+  ref_dir, _ = uninterrupted
+  killed = _train(tmp_path, check=False, MUSILINGO_FAULT_KILL_AT_STEP=3)
+  assert killed.returncode == -signal.SIGKILL
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  resumed = _train(tmp_path)
+  assert "resumed from" in resumed.stdout
+  ref, got = _params(ref_dir, 4), _params(tmp_path, 4)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k])
+  ref_l, got_l = _losses(ref_dir), _losses(tmp_path)
+  for step in (3, 4):
+    assert got_l[step] == ref_l[step]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(TRAIN + ["--workdir", str(tmp_path), "--config.train.num_steps=400",
+                                   "--config.save_every=1000"] + COMMON,
+                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = tmp_path / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "preempted: saved step" in out
+  steps = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 2 <= steps[0] < 400
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  proc = _train(tmp_path, check=False, MUSILINGO_FAULT_NAN_AT_STEP=2)
+  assert proc.returncode == 2
+  assert "non-finite loss" in proc.stderr and "last good checkpoint is step 2" in proc.stderr
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2]
+
+
+def test_restore_onto_a_different_device_count(uninterrupted, tmp_path):
+  ref_dir, _ = uninterrupted
+  _train(tmp_path, "--config.train.num_steps=2", "--config.mesh.shape=(8,1,1)", "--config.train.batch_size=8",
+         devices=8)
+  _train(tmp_path, "--config.train.batch_size=8", devices=1)
+  one = tmp_path.parent / (tmp_path.name + "-one")
+  _train(one, "--config.train.batch_size=8", devices=1)
+  a, b = _params(tmp_path, 4), _params(one, 4)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("override,field", [
+    (["--config.train.trainable=everything"], "train.trainable"),
+    (["--config.mesh.shape=(3,1,1)"], "mesh.shape"),
+    (["--config.train.batch_size=3", "--config.mesh.shape=(2,1,1)"], "train.batch_size"),
+    (["--config.model.llm_gguf=/nonexistent.gguf"], "model.llm_gguf"),
+])
+def test_config_validation_errors_name_the_field(tmp_path, override, field):
+  proc = _train(tmp_path, *override, check=False, devices=2)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f"config.{field}" in proc.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+  proc = _train(tmp_path, "--config.train.no_such_key=1", check=False)
+  assert proc.returncode != 0 and "no_such_key" in proc.stderr
