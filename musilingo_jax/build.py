@@ -225,16 +225,11 @@ class Data:
 
   def eval_examples(self, limit: int | None = None) -> list[dict]:
     """Decoded eval records (question, answer, kind, labels, features/audio) for generation."""
-    from musilingo_jax.data import records
-    import grain
-    out = []
-    for path in self.eval_files:
-      src = grain.sources.ArrayRecordDataSource([path])
-      for i in range(len(src)):
-        out.append(records.decode_record(src[i]))
-        if limit and len(out) >= limit:
-          return out
-    return out
+    return _read_records(self.eval_files, limit)
+
+  def train_examples(self, limit: int | None = None) -> list[dict]:
+    return _read_records(self.train_files, limit)
+
 
   def generation_metrics(self, model, n: int) -> dict[str, float]:
     from musilingo_jax import evaluate
@@ -243,6 +238,19 @@ class Data:
                             prompt_cfg=prompt_config(self.c), greedy=self.c.eval.greedy,
                             max_new_tokens=self.c.eval.max_new_tokens, bertscore=False)
     return {k: float(v) for k, v in res.get("summary", {}).items() if isinstance(v, (int, float))}
+
+
+def _read_records(files, limit: int | None = None) -> list[dict]:
+  import grain
+  from musilingo_jax.data import records
+  out = []
+  for path in files:
+    src = grain.sources.ArrayRecordDataSource([path])
+    for i in range(len(src)):
+      out.append(records.decode_record(src[i]))
+      if limit and len(out) >= limit:
+        return out
+  return out
 
 
 def build_data(c, tokenizer, model) -> Data:
