@@ -173,7 +173,7 @@ def run(c, workdir: str) -> dict[str, Any]:
   # Fault injection for the resume / NaN tests (environment, so a test can aim at a real subprocess).
   fault_nan = int(os.environ.get("MUSILINGO_FAULT_NAN_AT_STEP", "-1"))
   fault_kill = int(os.environ.get("MUSILINGO_FAULT_KILL_AT_STEP", "-1"))
-  t_last, tokens_since, last_log_step = time.perf_counter(), 0, start
+  t_last, tokens_since, label_tokens_since, last_log_step = time.perf_counter(), 0, 0, start
   step = start
   try:
     while step < num_steps:
@@ -198,7 +198,8 @@ def run(c, workdir: str) -> dict[str, Any]:
             f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
       trainable, opt_state = new_trainable, new_opt
       step += 1
-      tokens_since += int(m["tokens"])
+      tokens_since += int(np.prod(gbatch["input_ids"].shape))
+      label_tokens_since += int(m["tokens"])
       if progress is not None:
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
@@ -207,10 +208,11 @@ def run(c, workdir: str) -> dict[str, Any]:
         now = time.perf_counter()
         dt = (now - t_last) / (step - last_log_step)  # the first window includes compilation
         last = {"loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
-                "tokens_per_s": tokens_since / (now - t_last), "step_time_s": dt,
+                "tokens_per_s": tokens_since / (now - t_last),
+                "label_tokens_per_s": label_tokens_since / (now - t_last), "step_time_s": dt,
                 "mfu": flops_per_step / dt / peak}
         writer.write(step, last)
-        t_last, tokens_since, last_log_step = now, 0, step
+        t_last, tokens_since, label_tokens_since, last_log_step = now, 0, 0, step
       metrics_for_ckpt = None
       if step % c.eval_every == 0 or step == num_steps:
         ev = evaluate_loss(eval_fn, trainable, frozen, data.eval_batches(c.eval_batches), mesh)
