@@ -1,9 +1,10 @@
-"""The embedded demo dataset: real music21 corpus scores rendered to audio, with QA pairs known by construction.
+"""The embedded demo dataset: real music21 corpus scores rendered to audio, QA pairs known by construction.
 
-Each clip is the opening of a corpus score (all parts, from the first note) played by one General MIDI
-instrument at a chosen tempo and transposition, cut or zero-padded to exactly `clip_seconds`. Labels come
-from the score (key, time signature, composer folder) and from what the renderer was told (instrument,
-BPM, transposition), so every answer is known.
+Each clip is the opening of a corpus score (all parts, from the first note, read straight through: repeats
+are not expanded, so music21's ExpanderException cannot occur) played by one General MIDI instrument
+(INSTRUMENTS) at a BPM from TEMPO_CLASSES, transposed by TRANSPOSE_RANGE semitones, cut or zero-padded
+to exactly `clip_seconds`. Labels come from the score (key, time signature, composer folder) and from what
+the renderer was told (instrument, BPM, transposition). Renderers: see data/render.py.
 
 Layout of `DIR` (what `data.readers.read_demo` reads):
   DIR/audio/{clip_id}.wav   int16 PCM, 24 kHz, mono, exactly round(clip_seconds * 24000) samples
@@ -11,12 +12,14 @@ Layout of `DIR` (what `data.readers.read_demo` reads):
   DIR/test.json               "question", "answer", "kind", "labels": {...}}, ...]; one entry per
                               (clip, kind in QUESTION_KINDS), grouped by clip
   DIR/meta.json             version, params, renderer (+ soundfont, fluidsynth version), seed, counts,
-                            composers, instruments, pieces per split, skipped pieces with reasons,
-                            build time; written last (its presence marks a complete build)
+                            composers, instruments, pieces per split, piece_labels (untransposed key,
+                            time signature, work), skipped pieces with reasons, build time; written
+                            last (its presence with the same params means "reuse")
 
 labels: instrument (name), gm_program (0-based), bpm (quarter notes per minute), tempo_class
 (slow/moderate/fast), key ("F-sharp minor", after transposition), time_signature ("3/4"), composer
 (lowercase, e.g. "bach"), piece (corpus path without extension, e.g. "bach/bwv66.6"), transpose (semitones).
+Answers are one template per kind (`answer_for`); questions one of 3 phrasings (QUESTIONS).
 
 Key rule: music21's key analysis of the opening (first ANALYSIS_QUARTERS quarter notes) decides between
 the key signature's major key and its relative minor; a minor key written with one flat fewer (the
@@ -24,10 +27,10 @@ Baroque "dorian" signature) wins when the analysis prefers it by more than DORIA
 then moved by the transposition and spelled with the fewer accidentals (KEY_NAMES).
 
 Splits are by work (a multi-movement work's movements, or a Palestrina mass's sections, stay together),
-so no piece is in both; test pieces are taken round-robin over the same composer order as train pieces,
-so with num_test_pieces <= num_train_pieces every test composer also appears in training. A piece that
-fails to parse or has no usable labels is skipped, named in meta["skipped"] and replaced by the next
-candidate of its composer. Parsed pieces (note lists + labels) are cached as JSON under `cache_dir`.
+so no piece is in both. Test pieces come from the smaller half of each composer's works, round-robin over
+the composers that train pieces also use. A piece that fails to parse or has no usable labels is skipped,
+named in meta["skipped"] and replaced by the next candidate of its composer. MusicXML is cut to its first
+MAX_MEASURES measures before parsing; parsed pieces (notes + labels) are cached as JSON under `cache_dir`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import time
 import xml.etree.ElementTree as ET
 import zipfile
@@ -72,6 +76,7 @@ MAX_MEASURES = 48          # MusicXML measures parsed per piece (3/8: 72 quarter
 MAX_QUARTERS = 256         # notes kept per piece (a 90 s clip at 170 BPM)
 ANALYSIS_QUARTERS = 32     # the opening used for key analysis and the time-signature check
 DORIAN_MARGIN = 0.1
+_EXTRACT_VERSION = 2       # bump when extract_piece's output changes (invalidates the parsed-score cache)
 KEY_NAMES = {  # tonic pitch class -> spelling with the fewer accidentals (ties: sharps for major, flats for minor)
     "major": ("C", "D-flat", "D", "E-flat", "E", "F", "F-sharp", "G", "A-flat", "A", "B-flat", "B"),
     "minor": ("C", "C-sharp", "D", "E-flat", "E", "F", "F-sharp", "G", "G-sharp", "A", "B-flat", "B"),
@@ -101,6 +106,14 @@ class SkipPiece(Exception):
 
 def key_name(tonic_pc: int, mode: str) -> str:
   return f"{KEY_NAMES[mode][tonic_pc % 12]} {mode}"
+
+
+def transpose_key(name: str, semitones: int) -> str:
+  """"D major" + 2 -> "E major", spelled as KEY_NAMES spells it."""
+  tonic, mode = name.rsplit(" ", 1)
+  if mode not in KEY_NAMES or tonic not in KEY_NAMES[mode]:
+    raise ValueError(f"key {name!r} is not spelled as in KEY_NAMES")
+  return key_name(KEY_NAMES[mode].index(tonic) + semitones, mode)
 
 
 def tempo_class(bpm: float) -> str:
@@ -143,7 +156,7 @@ def _work_of(piece: str) -> str:
   parts = piece.split("/")
   if parts[0] == "palestrina":
     m = re.search(r"_(\d+)", parts[-1])
-    return f"palestrina/mass{m.group(1)}" if m else piece
+    return f"palestrina/mass{m.group(1) if m else '_unnumbered'}"   # Kyrie_20, Credo_20_b: mass 20
   return "/".join(parts[:2]) if len(parts) >= 3 else piece
 
 
@@ -225,11 +238,11 @@ def _read_score(path: Path):
   return converter.parseData(ET.tostring(root, encoding="unicode"), format="musicxml")
 
 
-def extract_piece(relpath: str, root: Path | None = None) -> dict[str, Any]:
-  """Parse one corpus file into JSON-able notes + labels; raises SkipPiece with a reason."""
+def score_summary(score) -> dict[str, Any]:
+  """Notes (from the first note, at most MAX_QUARTERS), time signature and key of a music21 score.
+
+  Raises SkipPiece when a label is unknown or ambiguous."""
   from music21 import key as m21key, meter, stream
-  root = root or _corpus_root()
-  score = _read_score(root / relpath)
   if isinstance(score, stream.Opus):
     raise SkipPiece("an opus of several pieces")
   parts = list(score.parts) or [score]
@@ -256,16 +269,24 @@ def extract_piece(relpath: str, root: Path | None = None) -> dict[str, Any]:
   sharps = keysigs[-1].sharps if keysigs else None
   head = score.flatten().notes.getElementsByOffset(first, opening, includeEndBoundary=False).stream()
   tonic, mode = _choose_key(head.analyze("key"), sharps)
-  return {"piece": relpath.rsplit(".", 1)[0], "file": relpath, "composer": COMPOSERS[relpath.split("/")[0]][0],
-          "work": _work_of(relpath.rsplit(".", 1)[0]), "time_signature": sigs[0].ratioString,
-          "key_tonic": tonic, "key_mode": mode, "key_signature": sharps, "parts": len(parts),
-          "quarters": length, "notes": [list(n) for n in notes]}
+  return {"time_signature": sigs[0].ratioString, "key": key_name(tonic, mode), "key_tonic": tonic,
+          "key_mode": mode, "key_signature": sharps, "parts": len(parts), "quarters": length,
+          "notes": [list(n) for n in notes]}
+
+
+def extract_piece(relpath: str, root: Path | None = None) -> dict[str, Any]:
+  """Parse one corpus file (e.g. "bach/bwv66.6.mxl") into JSON-able notes + labels; raises SkipPiece."""
+  piece = relpath.rsplit(".", 1)[0]
+  summary = score_summary(_read_score((root or _corpus_root()) / relpath))
+  return {"piece": piece, "file": relpath, "composer": COMPOSERS[relpath.split("/")[0]][0],
+          "work": _work_of(piece), **summary}
 
 
 def _cache_file(cache_dir: Path, root: Path, relpath: str) -> Path:
   import music21
   st = (root / relpath).stat()
-  ident = f"{VERSION}|{MAX_MEASURES}|{MAX_QUARTERS}|{music21.__version__}|{relpath}|{st.st_size}|{st.st_mtime_ns}"
+  ident = (f"{_EXTRACT_VERSION}|{MAX_MEASURES}|{MAX_QUARTERS}|{music21.__version__}|{relpath}|"
+           f"{st.st_size}|{st.st_mtime_ns}")
   return cache_dir / f"{hashlib.sha1(ident.encode()).hexdigest()[:20]}.json"
 
 
@@ -273,7 +294,10 @@ def _parse_job(args) -> tuple[str, dict | None, str | None]:
   """Worker: (relpath, piece or None, skip reason or None), through the JSON cache when given."""
   relpath, cache_dir = args
   root = _corpus_root()
-  cache = _cache_file(Path(cache_dir), root, relpath) if cache_dir else None
+  try:
+    cache = _cache_file(Path(cache_dir), root, relpath) if cache_dir else None
+  except OSError:   # a missing file: extract_piece below names the error
+    cache = None
   if cache is not None and cache.is_file():
     with open(cache, encoding="utf-8") as f:
       cached = json.load(f)
@@ -294,9 +318,9 @@ def _parse_job(args) -> tuple[str, dict | None, str | None]:
   return relpath, json.loads(json.dumps(piece)), skip
 
 
-def _queues(root: Path, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+def _queues(root: Path, seed: int) -> tuple[list[str], dict[str, list[str]], set[str]]:
   """A seeded composer order; per composer its candidate files in a seeded order; the works test may use
-  (half of each composer's works, at least one), so every test composer keeps works for training."""
+  (the smaller half of each composer's works, at least one), so every test composer keeps training works."""
   rng = np.random.default_rng([seed, 1])
   cands = _candidates(root)
   order = [c for c in sorted(cands) if cands[c]]
@@ -311,7 +335,8 @@ def _queues(root: Path, seed: int) -> tuple[list[str], dict[str, list[str]]]:
     # round-robin over the works, so consecutive picks come from different works
     queues[folder] = [files[w][i] for i in range(max(map(len, files.values()))) for w in names
                       if i < len(files[w])]
-    test_ok.update(names[:max(1, len(names) // 2)])   # the other half is kept for training
+    # test may use the smaller half of the works (at least one); the rest is kept for training
+    test_ok.update(sorted(names, key=lambda w: len(files[w]))[:max(1, len(names) // 2)])
   return order, queues, test_ok
 
 
@@ -369,8 +394,11 @@ def _clip_specs(pieces: list[dict], split: str, clips_per_piece: int, seed: int)
   """Instrument and tempo class cycle through seeded permutations (balanced); BPM and transpose are drawn."""
   rng = np.random.default_rng([seed, 2, SPLITS.index(split)])
   n = len(pieces) * clips_per_piece
-  reps = lambda k: np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]   # noqa: E731
-  instruments, tempos = reps(len(INSTRUMENTS)), reps(len(TEMPO_CLASSES))
+
+  def balanced(k: int) -> np.ndarray:   # [n] values in range(k), each block of k a fresh permutation
+    return np.concatenate([rng.permutation(k) for _ in range(-(-n // k))])[:n]
+
+  instruments, tempos = balanced(len(INSTRUMENTS)), balanced(len(TEMPO_CLASSES))
   specs = []
   for i, piece in enumerate(pieces):
     slug = re.sub(r"[^A-Za-z0-9]+", "_", piece["piece"]).strip("_")
@@ -381,7 +409,7 @@ def _clip_specs(pieces: list[dict], split: str, clips_per_piece: int, seed: int)
       bpm = int(rng.choice(TEMPO_CLASSES[klass]))
       transpose = int(rng.integers(TRANSPOSE_RANGE[0], TRANSPOSE_RANGE[1] + 1))
       labels = {"instrument": instrument, "gm_program": render_lib.INSTRUMENTS[instrument], "bpm": bpm,
-                "tempo_class": klass, "key": key_name(piece["key_tonic"] + transpose, piece["key_mode"]),
+                "tempo_class": klass, "key": transpose_key(piece["key"], transpose),
                 "time_signature": piece["time_signature"], "composer": piece["composer"],
                 "piece": piece["piece"], "transpose": transpose}
       phrasing = rng.integers(0, 3, size=len(QUESTION_KINDS))
@@ -416,6 +444,25 @@ def _examples(spec: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- build / load
 
+def _make_pool(workers: int):
+  """A process pool, or None to run inline. fork when jax is not imported (fast, no main-module
+  re-import); forkserver when it is (forking a process that runs JAX threads can deadlock). forkserver
+  re-imports the caller's main module, so a caller without a main file (python - < script) runs inline."""
+  if workers <= 1:
+    return None
+  if "jax" not in sys.modules:
+    return multiprocessing.get_context("fork").Pool(workers)
+  main = sys.modules.get("__main__")
+  main_file = getattr(main, "__file__", None)
+  if getattr(main, "__spec__", None) is None and main_file and not os.path.isfile(main_file):
+    print(f"demo dataset: main module {main_file!r} is not a file (forkserver cannot start workers); "
+          "building with one process")
+    return None
+  ctx = multiprocessing.get_context("forkserver")
+  ctx.set_forkserver_preload(["musilingo_jax.data.demo"])
+  return ctx.Pool(workers)
+
+
 def default_cache_dir() -> Path:
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return Path(base) / "musilingo_jax" / "demo_scores"
@@ -449,11 +496,7 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
   cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
   (out / "audio").mkdir(parents=True, exist_ok=True)
 
-  pool = None
-  if workers > 1:
-    ctx = multiprocessing.get_context("forkserver")   # clean workers even if the caller imported jax
-    ctx.set_forkserver_preload(["musilingo_jax.data.demo"])
-    pool = ctx.Pool(workers)
+  pool = _make_pool(workers)
   pool_map = (lambda fn, xs: pool.map(fn, xs, chunksize=1)) if pool else (lambda fn, xs: list(map(fn, xs)))
   try:
     chosen, skipped = _select_pieces({"train": num_train_pieces, "test": num_test_pieces}, seed, pool_map,
@@ -461,6 +504,9 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
     t_parse = time.time() - t0
     n_samples = int(round(clip_seconds * render_lib.SAMPLE_RATE))
     specs = {s: _clip_specs(chosen[s], s, clips_per_piece, seed) for s in SPLITS}
+    ids = [sp["clip_id"] for s in SPLITS for sp in specs[s]]
+    if len(set(ids)) != len(ids):
+      raise RuntimeError(f"clip ids collide: {sorted({i for i in ids if ids.count(i) > 1})}")
     jobs = [(clip_notes(chosen[s][sp["piece_index"]], sp["labels"]["bpm"], sp["labels"]["transpose"],
                         clip_seconds), sp["labels"], n_samples, resolved, soundfont, sp["noise_seed"],
              str(out / "audio" / f"{sp['clip_id']}.wav")) for s in SPLITS for sp in specs[s]]
@@ -487,12 +533,15 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
       "fluidsynth_version": render_lib.fluidsynth_version() if resolved == "fluidsynth" else None,
       "seed": seed, "sample_rate": render_lib.SAMPLE_RATE, "clip_seconds": float(clip_seconds),
       "clip_samples": n_samples, "question_kinds": list(QUESTION_KINDS),
-      "counts": {**{f"{s}_pieces": len(chosen[s]) for s in SPLITS}, **{f"{s}_clips": len(specs[s]) for s in SPLITS},
+      "counts": {**{f"{s}_pieces": len(chosen[s]) for s in SPLITS},
+                 **{f"{s}_clips": len(specs[s]) for s in SPLITS},
                  **{f"{s}_examples": len(specs[s]) * len(QUESTION_KINDS) for s in SPLITS},
                  "skipped_pieces": len(skipped)},
       "composers": composers, "instruments": {name: render_lib.INSTRUMENTS[name] for name in INSTRUMENTS},
       "tempo_classes": {k: [v[0], v[-1]] for k, v in TEMPO_CLASSES.items()},
       "pieces": {s: [p["piece"] for p in chosen[s]] for s in SPLITS},
+      "piece_labels": {p["piece"]: {k: p[k] for k in ("file", "composer", "work", "key", "time_signature",
+                                                      "parts")} for s in SPLITS for p in chosen[s]},
       "skipped": skipped,
       "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "build_seconds": {"parse": round(t_parse, 2), "total": round(time.time() - t0, 2)},
@@ -510,6 +559,7 @@ def load_demo_split(data_dir, split: str) -> list[dict]:
     raise ValueError(f"split={split!r}; expected one of {SPLITS}")
   file = Path(data_dir) / f"{split}.json"
   if not file.is_file():
-    raise FileNotFoundError(f"{file}: no demo split here; build it with scripts/make_demo_data.py --out {data_dir}")
+    raise FileNotFoundError(f"{file}: no demo split here; build it with "
+                            f"scripts/make_demo_data.py --out {data_dir}")
   with open(file, encoding="utf-8") as f:
     return json.load(f)

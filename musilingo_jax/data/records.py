@@ -401,14 +401,14 @@ def make_encoder_fn(encoder, pool_frames: int) -> Callable[[np.ndarray], np.ndar
 
 
 def load_encoder(directory: str | os.PathLike, *, dtype: str = "float32"):
-  """A converted MERT checkpoint directory (HF layout: config.json + safetensors/bin) -> MERT module."""
-  import jax.numpy as jnp
-
+  """The MERT encoder of a scripts/convert_hf.py directory (params/encoder), or of a Hugging Face
+  MERT/HuBERT directory (config.json + safetensors/bin) -> MERT module."""
   from musilingo_jax import convert
-  from musilingo_jax.models import mert
-  config = convert.read_config(directory)
-  if config is None:
-    raise ValueError(f"{directory}: no config.json (expected a converted MERT checkpoint directory)")
-  cfg = mert.MERTConfig.from_hf_config(config)
-  source = convert.open_source(directory, expect="encoder")
-  return convert.import_model(mert.MERT, cfg, source, mert.HF_KEY_RULES, dtype=jnp.dtype(dtype))
+  if (Path(directory) / "params" / "encoder").exists():
+    encoder, _, _, _ = convert.load_converted(directory, dtype=dtype, roles=("encoder",))
+    return encoder
+  if convert.read_config(directory) is None:
+    raise ValueError(f"{directory}: neither a converted checkpoint (params/encoder) nor an HF MERT "
+                     "directory (config.json)")
+  encoder, _ = convert.import_pretrained("encoder", directory, dtype=dtype)
+  return encoder
