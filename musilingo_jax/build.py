@@ -135,6 +135,59 @@ def build_model(c, *, mesh=None, rules=None):
   return model, tok, frozen_ref
 
 
+def load_for_inference(workdir: str | None = None, checkpoint: str | None = None,
+                       projection: str | None = None, step: int | None = None):
+  """A trained model for generation/export -> (MusiLingo in eval mode, Tokenizer, config).
+
+  workdir: a training run (its config.json rebuilds the frozen parts, the latest or given checkpoint step
+  gives the trainable ones). checkpoint: a scripts/convert_hf.py directory, with `projection` a MusiLingo
+  .pth (a released checkpoint or our export) or an .npz with `kernel` [in, out] and `bias`.
+  """
+  import ml_collections
+  from musilingo_jax import checkpoint as ckptlib
+  from musilingo_jax import config as cfglib
+  from musilingo_jax import train as trainlib
+  if (workdir is None) == (checkpoint is None):
+    raise ValueError("give exactly one of workdir or checkpoint")
+  if workdir is not None:
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: missing (is {workdir} a training run directory?)")
+    c = ml_collections.ConfigDict(json.loads(path.read_text()))
+    model, tok, _ = build_model(c)
+    graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
+    ckpt = ckptlib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1 << 30,
+                                keep_best=False)
+    try:
+      trainable, _ = ckpt.restore_trainable(step, trainable)
+    finally:
+      ckpt.close()
+    model = nnx.merge(graphdef, trainable, frozen)
+  else:
+    c = cfglib.base_config()
+    c.model.checkpoint = checkpoint
+    c.model.compute_dtype = c.model.frozen_dtype = "float32"
+    model, tok, _ = build_model(c)
+    if projection is not None:
+      kernel, bias = load_projection(projection)
+      want = tuple(model.llama_proj.kernel.get_value().shape)
+      if tuple(kernel.shape) != want:
+        raise ValueError(f"{projection}: projection kernel {tuple(kernel.shape)} does not fit the "
+                         f"converted models ({want} = encoder dim x LLM dim)")
+      model.llama_proj.kernel.set_value(jnp.asarray(kernel, jnp.float32))
+      model.llama_proj.bias.set_value(jnp.asarray(bias, jnp.float32))
+  model.eval()
+  return model, tok, c
+
+
+def load_projection(path: str):
+  """(kernel [in, out], bias [out]) from a MusiLingo .pth or an .npz (kernel, bias)."""
+  if str(path).endswith(".npz"):
+    with np.load(path) as z:
+      return z["kernel"], z["bias"]
+  return convert.load_musilingo_pth(path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
 

@@ -79,6 +79,15 @@ class Checkpointer:
     new_opt = _fill(opt_state, out["opt_state"])
     return new_trainable, new_opt, out.get("data"), out["meta"]
 
+  def restore_trainable(self, step: int | None, trainable):
+    """Only the trainable parameters (for generation / export), onto `trainable`'s shardings."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        trainable=ocp.args.StandardRestore(_abstract(trainable))))
+    return _fill(trainable, out["trainable"]), step
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

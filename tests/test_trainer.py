@@ -135,3 +135,30 @@ def test_config_validation_errors_name_the_field(tmp_path, override, field):
 def test_unknown_config_key_is_refused(tmp_path):
   proc = _train(tmp_path, "--config.train.no_such_key=1", check=False)
   assert proc.returncode != 0 and "no_such_key" in proc.stderr
+
+
+def test_export_from_a_run_loads_in_transformers(uninterrupted, tmp_path):
+  import torch
+  import transformers
+  workdir, _ = uninterrupted
+  out = tmp_path / "exported"
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_pytorch.py"), "--workdir", str(workdir),
+                         "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sd = torch.load(out / "musilingo_checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+  params = _params(workdir, 4)
+  np.testing.assert_array_equal(sd["llama_proj.weight"].numpy(), params["kernel"].T)
+  np.testing.assert_array_equal(sd["llama_proj.bias"].numpy(), params["bias"])
+  ref = transformers.LlamaForCausalLM.from_pretrained(out / "llm", torch_dtype=torch.float32).eval()
+  hub = transformers.HubertModel.from_pretrained(out / "encoder").eval()
+  ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, (2, 12))
+  audio = np.random.default_rng(1).standard_normal((1, 4000)).astype(np.float32)
+  with torch.no_grad():
+    ref_logits = ref(torch.tensor(ids)).logits.numpy()
+    ref_hidden = hub(torch.tensor(audio)).last_hidden_state.numpy()
+  import jax.numpy as jnp
+  from musilingo_jax import build
+  model, _, _ = build.load_for_inference(workdir=str(workdir))
+  ours, _ = model.llm(jnp.asarray(ids))
+  np.testing.assert_allclose(np.asarray(ours), ref_logits, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(model.encoder(jnp.asarray(audio))[-1]), ref_hidden, atol=1e-4, rtol=1e-4)

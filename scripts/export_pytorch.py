@@ -1,0 +1,54 @@
+"""Export a trained model back to PyTorch / Hugging Face.
+
+  python scripts/export_pytorch.py --workdir runs/musicqa --out exported/
+  python scripts/export_pytorch.py --checkpoint converted/ [--projection proj.pth] --out exported/
+
+Writes OUT/musilingo_checkpoint.pth in the reference format ({"model": {"llama_proj.weight": [out, in],
+"llama_proj.bias": [out]}}, loads with load_state_dict(strict=False) into the reference model),
+OUT/llm/ (a LlamaForCausalLM directory with LoRA merged, plus the tokenizer) and OUT/encoder/ (a HubertModel
+directory), through the same key tables as import.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--workdir", help="a training run directory")
+  src.add_argument("--checkpoint", help="a scripts/convert_hf.py directory")
+  ap.add_argument("--projection", help="with --checkpoint: a MusiLingo .pth or .npz projection")
+  ap.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                  help="dtype of the exported LLM and encoder weights")
+  ap.add_argument("--no-llm", action="store_true", help="skip OUT/llm")
+  ap.add_argument("--no-encoder", action="store_true", help="skip OUT/encoder")
+  args = ap.parse_args(argv)
+  if args.projection and not args.checkpoint:
+    ap.error("--projection goes with --checkpoint")
+
+  import numpy as np
+  from musilingo_jax import build, convert
+  model, tok, _ = build.load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
+                                           projection=args.projection, step=args.step)
+  os.makedirs(args.out, exist_ok=True)
+  pth = os.path.join(args.out, "musilingo_checkpoint.pth")
+  convert.save_musilingo_pth(pth, np.asarray(model.llama_proj.kernel.get_value()),
+                             np.asarray(model.llama_proj.bias.get_value()))
+  print(f"wrote {pth}")
+  if not args.no_llm:
+    path = convert.export_llm_hf(model.llm, os.path.join(args.out, "llm"), args.dtype, tokenizer=tok)
+    print(f"wrote {path} (LlamaForCausalLM{', LoRA merged' if model.cfg.lora else ''})")
+  if not args.no_encoder:
+    path = convert.export_encoder_hf(model.encoder, os.path.join(args.out, "encoder"), args.dtype)
+    print(f"wrote {path} (HubertModel)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
