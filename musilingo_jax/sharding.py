@@ -51,7 +51,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                      f"but {len(devices)} are available")
   mesh_devices = np.asarray(devices).reshape(shape)
   if len(devices) == len(jax.devices()) and jax.process_count() > 1:
-    mesh_devices = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    from jax.experimental import mesh_utils  # a submodule: `jax.experimental.mesh_utils` is not imported by jax
+    mesh_devices = mesh_utils.create_device_mesh(shape, devices)
   return Mesh(mesh_devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
