@@ -1,0 +1,332 @@
+"""Generation for MusiLingo: one jitted prefill, then a KV-cache decode loop inside `jax.lax.while_loop`.
+
+The reference (SPEC.md section 4, `ML qa.py`) samples with temperature 0.1, top_p 0.5, one beam, at most
+300 new tokens, repetition penalty 1.0 (a no-op, so not implemented), and transformers' default top_k 50
+(it rarely binds at T = 0.1, top_p 0.5). It stops when the output ends with [835] or [2277, 29937] (both
+spell "###" in the LLaMA vocabulary) or on EOS, and post-processes: drop a leading <unk>/<s>, decode,
+keep the text before the first "###", after the last "Assistant:", strip.
+
+Layout of one call (prompts from `prompts.collate_prompts`: left-padded, positions = cumsum(mask) - 1):
+  slots 0..L-1          the prompt (pads masked), written by one prefill call;
+  slots L..L+N-1        the N = max_new_tokens generated tokens, one per loop step;
+  position of new i     = the row's last prompt position + 1 + i (each row continues its own count).
+The cache holds L + N slots; the loop stops as soon as every row has hit a stop sequence or EOS, and a
+finished row feeds pad tokens that nothing reads. One compilation per (batch, prompt length, N, greedy,
+top_k); temperature, top_p, stop ids and the seed are traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from musilingo_jax import prompts
+from musilingo_jax.models.llama import Llama
+from musilingo_jax.models.musilingo import MusiLingo
+
+# The reference's stop ids (LLaMA vocabulary): "###" after a space, and "###" glued to a word.
+REFERENCE_STOP_SEQUENCES: tuple[tuple[int, ...], ...] = ((835,), (2277, 29937))
+STOP_TEXT = "###"
+DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, which the reference ran with
+_BATCH_KEYS = ("input_ids", "attention_mask", "positions", "audio_start", "audio", "features", "inputs_embeds")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+  token_ids: list[int]  # generated ids, up to and including the stop sequence / EOS that ended the row
+  text: str             # the answer, post-processed as the reference
+  raw_text: str         # the decoded ids before post-processing (special tokens verbatim)
+
+
+# ---- stop sequences --------------------------------------------------------------------------------
+
+def stop_sequences_for(tokenizer, text: str = STOP_TEXT) -> tuple[tuple[int, ...], ...]:
+  """The id sequences that spell `text` at the end of generated output, for this tokenizer.
+
+  Encodes `text` alone, after a word ("x###") and after a word and a space ("x ###"), and keeps the ids
+  after the context's own ids. For the LLaMA SentencePiece vocabulary this gives the reference's
+  ((835,), (2277, 29937)); a byte-level BPE vocabulary gives its own spellings.
+  """
+  found: list[tuple[int, ...]] = []
+  for context in ("", "x", "x "):
+    prefix = list(tokenizer.encode(context)) if context else []
+    ids = list(tokenizer.encode(context + text))
+    if ids[:len(prefix)] != prefix or len(ids) == len(prefix):
+      continue  # the text merged into the context: no clean suffix here
+    seq = tuple(int(i) for i in ids[len(prefix):])
+    if seq not in found:
+      found.append(seq)
+  if not found:
+    raise ValueError(f"could not derive stop ids for {text!r} from tokenizer {tokenizer!r}")
+  return tuple(found)
+
+
+def stop_table(stop_sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Stop sequences -> (table [K, M] int32, right-aligned, -1 = any token; lengths [K] int32).
+
+  K and M are padded up to multiples of 4 (padding rows have a length no step reaches), so changing the
+  stop ids rarely changes the compiled shapes.
+  """
+  seqs = [tuple(int(i) for i in s) for s in stop_sequences]
+  if any(len(s) == 0 for s in seqs):
+    raise ValueError(f"empty stop sequence in {stop_sequences!r}")
+  k, m = _round_up(len(seqs)), _round_up(max((len(s) for s in seqs), default=1))
+  table = np.full((k, m), -1, np.int32)
+  lengths = np.full((k,), np.iinfo(np.int32).max, np.int32)
+  for i, s in enumerate(seqs):
+    table[i, m - len(s):] = s
+    lengths[i] = len(s)
+  return table, lengths
+
+
+def _round_up(n: int, multiple: int = 4) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def stop_hit(tokens: jax.Array, n: jax.Array, table: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Whether each row of tokens [B, N] (generated so far) ends with a stop sequence at index n: [B] bool."""
+  m = table.shape[1]
+  idx = n - m + 1 + jnp.arange(m)  # [M]
+  window = jnp.take(tokens, jnp.clip(idx, 0, tokens.shape[1] - 1), axis=1)  # [B, M]
+  ok = (table[None] < 0) | (window[:, None, :] == table[None])  # [B, K, M]
+  match = ok.all(-1) & (lengths <= n + 1)[None]  # [B, K]
+  return match.any(-1)
+
+
+# ---- sampling --------------------------------------------------------------------------------------
+
+def _candidates(logits: jax.Array, temperature, top_k: int | None, top_p) -> tuple[jax.Array, jax.Array]:
+  """transformers' warpers in their order (temperature, top-k, top-p) over logits [B, V].
+
+  Returns (filtered logits [B, K] sorted descending, -inf where removed; their token ids [B, K]), with
+  K = top_k (or V). Top-p keeps a token iff the probability mass ranked above it is < top_p: the smallest
+  set whose mass reaches top_p (the most likely token always stays).
+  """
+  logits = logits.astype(jnp.float32) / temperature
+  k = logits.shape[-1] if top_k is None else min(top_k, logits.shape[-1])
+  values, ids = jax.lax.top_k(logits, k)  # [B, K] descending
+  probs = jax.nn.softmax(values, axis=-1)
+  mass_above = jnp.cumsum(probs, axis=-1) - probs
+  keep = (mass_above < top_p).at[:, 0].set(True)
+  return jnp.where(keep, values, -jnp.inf), ids
+
+
+def top_p_mask(logits: jax.Array, top_p: float, top_k: int | None = None, temperature: float = 1.0) -> jax.Array:
+  """[B, V] bool: the tokens that sampling may pick (for tests and inspection)."""
+  values, ids = _candidates(logits, temperature, top_k, top_p)
+  mask = jnp.zeros(logits.shape, bool)
+  return jax.vmap(lambda m, i, v: m.at[i].set(v > -jnp.inf))(mask, ids, values)
+
+
+def _choose(logits: jax.Array, key: jax.Array, *, greedy: bool, temperature, top_k, top_p) -> jax.Array:
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  values, ids = _candidates(logits, temperature, top_k, top_p)
+  pick = jax.random.categorical(key, values, axis=-1)  # [B]
+  return jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# ---- the jitted prefill + decode -------------------------------------------------------------------
+
+def _prompt_embeddings(model, batch: dict) -> tuple[Llama, jax.Array]:
+  if isinstance(model, MusiLingo):
+    return model.llm, model.input_embeddings(batch)
+  if "inputs_embeds" in batch:
+    return model, batch["inputs_embeds"]
+  return model, model.embed(batch["input_ids"])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "return_logits"))
+def _generate_jit(state, batch, key, temperature, top_p, table, lengths, eos_ids, pad_id, *, graphdef,
+                  max_new_tokens: int, greedy: bool, top_k: int | None, return_logits: bool):
+  llm, embeds = _prompt_embeddings(nnx.merge(graphdef, state), batch)
+  mask, positions = batch["attention_mask"], batch["positions"]
+  B, L = mask.shape
+  N = max_new_tokens
+  # Every generated slot is valid; causality keeps a query from seeing later slots.
+  kv_mask = jnp.concatenate([mask.astype(jnp.int32), jnp.ones((B, N), jnp.int32)], axis=1)  # [B, L + N]
+  cache = llm.init_cache(B, L + N)
+  h, cache = llm.final_hidden(inputs_embeds=embeds, attention_mask=kv_mask, positions=positions, cache=cache,
+                              cache_index=0)
+  logits = llm.lm_logits(h[:, -1:])[:, 0]  # [B, V]: the last prompt slot is real (left padding)
+  next_pos = positions[:, -1] + 1  # [B]
+  choose = functools.partial(_choose, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def ended(tokens, tok, n):
+    return stop_hit(tokens, n, table, lengths) | (tok[:, None] == eos_ids[None]).any(-1)
+
+  key, sub = jax.random.split(key)
+  tok = choose(logits, sub)
+  tokens = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
+  done = ended(tokens, tok, 0)
+  state0 = dict(n=jnp.int32(1), tokens=tokens, done=done, n_out=jnp.where(done, 1, N).astype(jnp.int32),
+                cache=cache, key=key)
+  if return_logits:
+    state0["logits"] = jnp.zeros((B, N, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+
+  def cond(s):
+    return (s["n"] < N) & ~s["done"].all()
+
+  def body(s):
+    n = s["n"]
+    prev = jax.lax.dynamic_index_in_dim(s["tokens"], n - 1, axis=1, keepdims=True)  # [B, 1]
+    h, cache = llm.final_hidden(inputs_embeds=llm.embed(prev), attention_mask=kv_mask,
+                                positions=(next_pos + n - 1)[:, None], cache=s["cache"], cache_index=L + n - 1)
+    logits = llm.lm_logits(h)[:, 0]
+    key, sub = jax.random.split(s["key"])
+    tok = jnp.where(s["done"], pad_id, choose(logits, sub))
+    tokens = jax.lax.dynamic_update_index_in_dim(s["tokens"], tok, n, axis=1)
+    hit = ~s["done"] & ended(tokens, tok, n)
+    out = dict(n=n + 1, tokens=tokens, done=s["done"] | hit, n_out=jnp.where(hit, n + 1, s["n_out"]),
+               cache=cache, key=key)
+    if return_logits:
+      out["logits"] = jax.lax.dynamic_update_index_in_dim(s["logits"], logits, n, axis=1)
+    return out
+
+  s = jax.lax.while_loop(cond, body, state0)
+  return s["tokens"], s["n_out"], s.get("logits")
+
+
+def generate_ids(model: MusiLingo | Llama, batch: dict, *, max_new_tokens: int = 300, greedy: bool = False,
+                 temperature: float = 0.1, top_p: float = 0.5, top_k: int | None = DEFAULT_TOP_K,
+                 stop_sequences: Sequence[Sequence[int]] = REFERENCE_STOP_SEQUENCES,
+                 eos_ids: Sequence[int] = (2,), pad_id: int = 0, seed: int = 0,
+                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """Token-level generation: (tokens [B, N] int32 padded with pad_id, lengths [B], step logits [B, N, V] or None).
+
+  `model` is a MusiLingo (batch from `prompts.collate_prompts` plus "features" or "audio") or a bare Llama
+  (batch with "input_ids" or "inputs_embeds", plus "attention_mask" and "positions"). Prompts must be
+  left-padded: every row's last prompt slot is a real token. Row i's output is tokens[i, :lengths[i]].
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if not greedy and not (temperature > 0 and 0 < top_p <= 1):
+    raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}); "
+                     "use greedy=True for argmax decoding")
+  mask = np.asarray(batch["attention_mask"])
+  if not mask[:, -1].all():
+    raise ValueError("generation prompts must be left-padded (attention_mask[:, -1] all 1): "
+                     "build them with prompts.collate_prompts")
+  arrays = {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS if k in batch}
+  if "positions" not in arrays:
+    arrays["positions"] = jnp.asarray(np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32))
+  table, lengths = stop_table(stop_sequences)
+  eos = np.full((_round_up(len(eos_ids)),), -1, np.int32)  # -1 never matches a token
+  eos[:len(eos_ids)] = list(eos_ids)
+  graphdef, state = nnx.split(model)
+  tokens, n_out, logits = _generate_jit(
+      state, arrays, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(table),
+      jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id),
+      graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+      top_k=None if top_k is None or top_k <= 0 else int(top_k), return_logits=return_logits)
+  return np.asarray(tokens), np.asarray(n_out), None if logits is None else np.asarray(logits)
+
+
+# ---- post-processing and the text API ----------------------------------------------------------------
+
+def postprocess(ids: Sequence[int], tokenizer, *, keep_special_text: bool = False) -> tuple[str, str]:
+  """(raw_text, text) as the reference: drop a leading <unk> then a leading <s>, decode, keep the text before
+  the first "###" and after the last "Assistant:", strip. raw_text keeps special tokens verbatim ("</s>");
+  `text` skips them unless keep_special_text (the reference's decode kept a final "</s>" in the answer)."""
+  ids = [int(i) for i in ids]
+  unk, bos = getattr(tokenizer, "unk_id", None), getattr(tokenizer, "bos_id", None)
+  if ids and unk is not None and ids[0] == unk:
+    ids = ids[1:]
+  if ids and bos is not None and ids[0] == bos:
+    ids = ids[1:]
+  raw = tokenizer.decode(ids, skip_special_tokens=False)
+  shown = raw if keep_special_text else tokenizer.decode(ids, skip_special_tokens=True)
+  return raw, shown.split(STOP_TEXT)[0].split("Assistant:")[-1].strip()
+
+
+def generate(model: MusiLingo | Llama, batch: dict, *, tokenizer, max_new_tokens: int = 300, greedy: bool = False,
+             temperature: float = 0.1, top_p: float = 0.5, top_k: int | None = DEFAULT_TOP_K,
+             stop_sequences: Sequence[Sequence[int]] | None = None, eos_ids: Sequence[int] | None = None,
+             seed: int = 0, keep_special_text: bool = False) -> list[GenerationResult]:
+  """Answers for a batch of prompts (see `generate_ids`), post-processed as the reference.
+
+  stop_sequences: None derives them from the tokenizer (`stop_sequences_for`: the reference's
+  ((835,), (2277, 29937)) for LLaMA); () disables them. eos_ids: None = (tokenizer.eos_id,); () disables.
+  """
+  if stop_sequences is None:
+    stop_sequences = stop_sequences_for(tokenizer)
+  if eos_ids is None:
+    eos_ids = (tokenizer.eos_id,)
+  tokens, lengths, _ = generate_ids(model, batch, max_new_tokens=max_new_tokens, greedy=greedy,
+                                    temperature=temperature, top_p=top_p, top_k=top_k,
+                                    stop_sequences=stop_sequences, eos_ids=eos_ids, pad_id=tokenizer.pad_id,
+                                    seed=seed)
+  results = []
+  for row, n in zip(tokens, lengths):
+    ids = row[:n].tolist()
+    raw, text = postprocess(ids, tokenizer, keep_special_text=keep_special_text)
+    results.append(GenerationResult(token_ids=ids, text=text, raw_text=raw))
+  return results
+
+
+def prompt_batch(tokenizer, questions: Sequence[str | None], *, n_audio_tokens: int,
+                 prompt_cfg: prompts.PromptConfig = prompts.PromptConfig(), max_len: int | None = None) -> dict:
+  """Left-padded prompt arrays for `questions` (add "features" or "audio" before calling `generate`)."""
+  encoded = [prompts.encode_prompt(tokenizer, q, prompt_cfg) for q in questions]
+  return prompts.collate_prompts(encoded, n_audio_tokens=n_audio_tokens, bos_id=tokenizer.bos_id,
+                                 pad_id=tokenizer.pad_id, max_len=max_len)
+
+
+def audio_features(model: MusiLingo, audio) -> np.ndarray:
+  """One clip's pooled encoder features [T', D_enc] (float32) from 24 kHz mono audio [S]."""
+  f = nnx.jit(lambda m, a: m.audio_features({"audio": a}))(model, jnp.asarray(audio, jnp.float32)[None])
+  return np.asarray(f[0])
+
+
+class Chat:
+  """Multi-turn questions about one clip, in the reference template.
+
+  Turn k's prompt continues turn k-1's: `... ###Assistant: ` + previous answer + `###Human: {q} ###Assistant: `
+  (the answer ends with the "###" the model was trained to emit, which opens the next turn). The audio is
+  encoded once; each turn is one `generate` call with seed + turn.
+  """
+
+  def __init__(self, model: MusiLingo, tokenizer, *, features=None, audio=None,
+               prompt_cfg: prompts.PromptConfig = prompts.PromptConfig(), seed: int = 0, **gen_kwargs):
+    if (features is None) == (audio is None):
+      raise ValueError("give exactly one of features [T', D_enc] or audio [S] (24 kHz mono)")
+    if not prompt_cfg.template:
+      raise ValueError("chat needs the instruction template (PromptConfig(template=True))")
+    if features is None:
+      features = audio_features(model, audio)
+    self.model, self.tokenizer, self.prompt_cfg = model, tokenizer, prompt_cfg
+    self.features = np.asarray(features, np.float32)  # [T', D_enc]
+    self.seed, self.gen_kwargs = seed, gen_kwargs
+    self.history: list[tuple[str, str]] = []  # (question, answer)
+
+  def prompt_segments(self, question: str) -> tuple[str, str]:
+    """(p_before, p_after) text for the next turn."""
+    (q0, _), rest = (self.history[0], self.history[1:]) if self.history else ((question, ""), [])
+    before, after = prompts.prompt_segments(q0, self.prompt_cfg)
+    if self.history:
+      turns = [a for _, a in self.history]
+      questions = [q for q, _ in rest] + [question]
+      for answer, q in zip(turns, questions):
+        after += answer + prompts.TEMPLATE.format(q)
+    return before, after
+
+  def ask(self, question: str) -> GenerationResult:
+    before, after = self.prompt_segments(question)
+    enc = {"before": np.asarray(self.tokenizer.encode(before), np.int32),
+           "after": np.asarray(self.tokenizer.encode(after), np.int32)}
+    batch = prompts.collate_prompts([enc], n_audio_tokens=self.features.shape[0], bos_id=self.tokenizer.bos_id,
+                                    pad_id=self.tokenizer.pad_id)
+    batch["features"] = self.features[None]
+    result = generate(self.model, batch, tokenizer=self.tokenizer, seed=self.seed + len(self.history),
+                      **self.gen_kwargs)[0]
+    self.history.append((question, result.text))
+    return result
+
+  def reset(self) -> None:
+    self.history.clear()
