@@ -39,7 +39,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if c.data.dataset == "demo" and not summary["preempted"]:
-    demo_report.report(c, workdir, summary)
+    demo_report.report(c, workdir, summary, limit=c.eval.demo_questions)
 
 
 if __name__ == "__main__":
