@@ -209,10 +209,14 @@ def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:
   c.data.n_audio_tokens = 3 if smoke else 6
   c.data.max_len = 64
   c.prompt.max_txt_len = 32
-  c.train.trainable = "projection"
+  # The projection plus rank-8 LoRA on q/v: in 150 CPU steps a projection alone learns the answer format
+  # only slowly (held-out factual accuracy stayed below the majority baseline in our runs).
+  c.train.trainable = "projection+lora"
+  c.train.lora.rank, c.train.lora.alpha, c.train.lora.dropout = 8, 16.0, 0.0
+  c.train.lora.target_modules = ("q_proj", "v_proj")
   c.train.batch_size = 4 if smoke else 8
   c.train.accum_steps = 1
-  c.train.init_lr, c.train.min_lr, c.train.warmup_lr = 1e-3, 1e-4, 1e-5
+  c.train.init_lr, c.train.min_lr, c.train.warmup_lr = 5e-3, 5e-4, 1e-5
   c.train.warmup_steps = 2 if smoke else 15
   c.train.iters_per_epoch = 4 if smoke else 150
   c.train.epochs = 1
