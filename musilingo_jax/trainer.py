@@ -98,6 +98,31 @@ def step_flops(model, rows: int, seq_len: int, n_audio_tokens: int, *, trainable
   return float(flops)
 
 
+def gather_data_state(state: dict) -> dict:
+  """Every process's data-iterator state in one JSON item (LESSONS.md 6): Orbax's JsonSave writes from the
+  primary process only, so with several processes the states are all-gathered first. Collective: every
+  process calls it at the same step (as every process calls save)."""
+  if jax.process_count() == 1:
+    return state
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int32))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return {"per_process": [json.loads(bytes(rows[p, :sizes[p]]).decode()) for p in range(len(sizes))],
+          "process_count": len(sizes)}
+
+
+def own_data_state(saved: dict) -> dict:
+  """This process's entry of a `gather_data_state` item (a one-process save is the state itself). With a
+  different process count, the first entry goes on, and the pipeline refuses it with its clear message."""
+  if "per_process" not in saved:
+    return saved
+  states = saved["per_process"]
+  return states[jax.process_index()] if len(states) == jax.process_count() else states[0]
+
+
 def _install_sigterm() -> dict:
   flag = {"stop": False}
 
@@ -152,7 +177,7 @@ def run(c, workdir: str) -> dict[str, Any]:
   if start:
     trainable, opt_state, data_state, meta = ckpt.restore(start, trainable=trainable, opt_state=opt_state)
     if data_state is not None:
-      data.set_train_state(train_it, data_state)
+      data.set_train_state(train_it, own_data_state(data_state))
     print(f"resumed from {ckpt.directory}/{start} (step {meta['step']})", flush=True)
 
   step_fn = trainlib.make_train_step(graphdef, tx, accum_steps=accum,
@@ -226,7 +251,8 @@ def run(c, workdir: str) -> dict[str, Any]:
           print(f"\nstep {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
       if step % c.save_every == 0 or step == num_steps or stop["stop"]:
         ckpt.save(step, trainable=trainable, opt_state=opt_state,
-                  data_state=data.get_train_state(train_it), config_json=c.to_json_best_effort(),
+                  data_state=gather_data_state(data.get_train_state(train_it)),
+                  config_json=c.to_json_best_effort(),
                   frozen_ref=frozen_ref, metrics=metrics_for_ckpt, force=True)
       if step == fault_kill:
         os.kill(os.getpid(), signal.SIGKILL)  # mid-run, possibly while an async save is in flight

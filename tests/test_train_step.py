@@ -1,7 +1,8 @@
 """The composition against a PyTorch reference, both ways in, the sharded step, what trains, LoRA, schedule.
 
-The PyTorch reference is written here from SPEC.md (HubertModel + Linear + LlamaForCausalLM, the
-reference's instruction_prompt_wrap / forward), sharing random weights with ours through the key tables.
+The PyTorch reference (musilingo_jax/torch_reference.py, written from SPEC.md: HubertModel + Linear +
+LlamaForCausalLM, the reference's instruction_prompt_wrap / forward) shares random weights with ours through
+the key tables.
 """
 
 import math
@@ -12,13 +13,14 @@ import numpy as np
 import optax
 import pytest
 import torch
-import transformers
 from flax import nnx
 
-from musilingo_jax import convert, prompts, sharding
+from musilingo_jax import prompts, sharding
 from musilingo_jax import train as trainlib
 from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig, causal_lm_loss, pooled_features
+from musilingo_jax.torch_reference import TorchMusiLingo
+from musilingo_jax.torch_reference import reference_loss as _torch_reference_loss
 
 POOL = 7
 SAMPLES = 2400  # 0.1 s at 24 kHz -> 7 frames with the conv stack below... computed by the config
@@ -43,17 +45,12 @@ def reference():
   """Tiny random torch models + our model holding the same weights."""
   torch.manual_seed(0)
   cfg = _configs()
-  hub = transformers.HubertModel(transformers.HubertConfig(**cfg.encoder.to_hf_config())).eval()
-  lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.llm.to_hf_config())).eval()
+  ref = TorchMusiLingo.random(cfg)
+  hub, lm, proj = ref.hub, ref.lm, ref.proj
   _perturb(hub, 1)
   _perturb(lm, 2)
-  proj = torch.nn.Linear(cfg.encoder.hidden_size, cfg.llm.hidden_size)
   ours = MusiLingo(cfg, rngs=nnx.Rngs(0))
-  convert.load_hf_tensors(ours.encoder, mert.HF_KEY_RULES, {k: v.numpy() for k, v in hub.state_dict().items()})
-  convert.load_hf_tensors(ours.llm, llama.HF_KEY_RULES, {k: v.numpy() for k, v in lm.state_dict().items()},
-                          ignore=llama.hf_ignore_keys(cfg.llm))
-  ours.llama_proj.kernel.set_value(jnp.asarray(proj.weight.detach().numpy().T))
-  ours.llama_proj.bias.set_value(jnp.asarray(proj.bias.detach().numpy()))
+  ref.load_into_ours(ours)
   return cfg, hub, lm, proj, ours
 
 
@@ -66,40 +63,6 @@ def _token_batch(rng, cfg, n_audio):
                 "after": rng.integers(3, V, la).astype(np.int32),
                 "answer": rng.integers(3, V, lt).astype(np.int32)})
   return exs
-
-
-def _torch_reference_loss(hub, lm, proj, audio, exs, pool):
-  """SPEC.md sections 1-2, as the reference's encode_audio / instruction_prompt_wrap / forward do it."""
-  out = hub(torch.tensor(audio), output_hidden_states=True)
-  states = list(out.hidden_states[:-1]) + [out.last_hidden_state]  # transformers 5 quirk (SPEC.md)
-  h = torch.stack(states).transpose(0, 1).mean(-3)  # [B, T, D]
-  B, T, D = h.shape
-  avg = h[:, :T // pool * pool].reshape(B, T // pool, pool, D).mean(2)
-  if T % pool:
-    avg = torch.cat([avg, h[:, T // pool * pool:].reshape(B, 1, T % pool, D).mean(2)], dim=1)
-  audio_embeds = proj(avg)
-
-  def pad(seqs):  # right padding with pad = eos, as the tokenizer does with padding="longest"
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD, dtype=torch.long)
-    att = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-      ids[i, :len(s)] = torch.tensor(s)
-      att[i, :len(s)] = 1
-    return ids, att
-
-  emb = lm.model.embed_tokens
-  before, atts_b = pad([e["before"] for e in exs])
-  after, atts_a = pad([e["after"] for e in exs])
-  answer, atts_t = pad([e["answer"] for e in exs])
-  wrapped = torch.cat([emb(before), audio_embeds, emb(after)], dim=1)
-  atts = torch.cat([atts_b, torch.ones(audio_embeds.shape[:2], dtype=torch.long), atts_a], dim=1)
-  targets = answer.masked_fill(answer == PAD, -100)
-  targets = torch.cat([torch.full((B, atts.shape[1] + 1), -100), targets], dim=1)
-  bos = emb(torch.full((B, 1), BOS))
-  inputs = torch.cat([bos, wrapped, emb(answer)], dim=1)
-  mask = torch.cat([atts[:, :1], atts, atts_t], dim=1)
-  return lm(inputs_embeds=inputs, attention_mask=mask, labels=targets).loss
 
 
 def _our_batch(cfg, exs, audio, n_audio, max_len=48):
