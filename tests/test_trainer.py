@@ -72,9 +72,12 @@ def test_resume_after_kill_9_is_bitwise_identical(uninterrupted, tmp_path):
   ref_dir, _ = uninterrupted
   killed = _train(tmp_path, check=False, MUSILINGO_FAULT_KILL_AT_STEP=3)
   assert killed.returncode == -signal.SIGKILL
-  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+  # Step 2's async save may still have been in flight at the kill: then only its temporary directory exists,
+  # it is never taken for a checkpoint, and the run restarts from scratch. Either way the result is the same.
+  complete = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert complete in ([], ["2"])
   resumed = _train(tmp_path)
-  assert "resumed from" in resumed.stdout
+  assert ("resumed from" in resumed.stdout) == (complete == ["2"])
   ref, got = _params(ref_dir, 4), _params(tmp_path, 4)
   for k in ref:
     np.testing.assert_array_equal(got[k], ref[k])
