@@ -177,6 +177,15 @@ def run_case(model, args, use_audio: bool, peak, calibrated) -> dict:
   return out
 
 
+def headline(result: dict) -> dict | None:
+  """Copies the features case's numbers to the top level (scripts/benchmark.py reads "mfu")."""
+  main_case = next((c for c in result["cases"] if c["input"] == "features" and "step_s" in c), None)
+  if main_case:
+    for k in ("mfu", "tokens_per_s", "step_s", "attention_ran"):
+      result[k] = main_case.get(k)
+  return main_case
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=None)
@@ -233,16 +242,15 @@ def main(argv=None) -> int:
     result["encoder"] = {k: getattr(model.cfg.encoder, k) for k in ("hidden_size", "num_hidden_layers")}
     for use_audio in ((False,) if args.no_audio else (False, True)):
       result["cases"].append(run_case(model, args, use_audio, peak, result["calibrated_bf16_matmul_flops"]))
+      headline(result)
+      result["wall_s"] = time.perf_counter() - t_all
       out_path.parent.mkdir(parents=True, exist_ok=True)
-      out_path.write_text(json.dumps(result, indent=1))
+      out_path.write_text(json.dumps(result, indent=1))  # after each case: a timeout keeps what was measured
   except Exception as e:  # noqa: BLE001 - write what we have, then fail loudly
     result["error"] = f"{type(e).__name__}: {e}"
     result["traceback"] = traceback.format_exc()[-4000:]
     log(f"FAILED: {result['error']}")
-  main_case = next((c for c in result["cases"] if c["input"] == "features" and "step_s" in c), None)
-  if main_case:  # the headline numbers (scripts/benchmark.py reads "mfu")
-    for k in ("mfu", "tokens_per_s", "step_s", "attention_ran"):
-      result[k] = main_case.get(k)
+  main_case = headline(result)
   result["wall_s"] = time.perf_counter() - t_all
   out_path.parent.mkdir(parents=True, exist_ok=True)
   out_path.write_text(json.dumps(result, indent=1))
