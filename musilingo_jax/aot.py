@@ -403,6 +403,11 @@ def _largest_hlo_values(compiled, k: int) -> list[tuple[int, str]]:
   return _largest_values(text, _HLO_SHAPE, k)
 
 
+def _ms(seconds: float) -> str:
+  ms = seconds * 1e3
+  return f"{ms:,.0f} ms" if ms >= 10 else f"{ms:.3g} ms"
+
+
 def _fmt(b) -> str:
   if b is None:
     return "?"
@@ -436,9 +441,14 @@ def format_report(r: AotResult) -> str:
     lines.append("biggest buffers per chip (inputs by name; temporaries by shape in the optimized HLO):")
     lines += [f"  {b}" for b in r.biggest]
   if r.fits is False:
-    lines.append("  to fit: shard the frozen weights (--config.mesh.rules=fsdp or fsdp_tp with "
-                 "--config.mesh.shape='(1,-1,1)'), lower --config.train.batch_size (raise accum_steps to keep "
-                 "the update size), or shorten --config.data.max_len; precomputed features remove the encoder")
+    hint = {"dp": "shard the frozen weights (--config.mesh.rules=fsdp_tp --config.mesh.shape='(1,-1,4)', or fsdp "
+                  "with '(1,-1,1)')",
+            "fsdp": "use fsdp_tp (--config.mesh.rules=fsdp_tp --config.mesh.shape='(1,-1,4)'): under fsdp every chip "
+                    "holds the whole micro-batch's activations (no activation sharding constraints in the model)"
+            }.get(r.rules, "add tensor parallelism (a larger mesh tensor axis)")
+    lines.append(f"  to fit: {hint}; or lower --config.train.batch_size (raise accum_steps to keep the update "
+                 "size) or --config.data.max_len; precomputed features (--config.data.use_features=true) take the "
+                 "encoder out of the step")
   chip = next((c for c in CHIPS.values() if c.name == r.chip), None)
   if r.analytic_flops:
     lines.append(f"FLOPs per chip per step: analytic {r.analytic_flops / 1e12:.3f} TFLOP (trainer.step_flops / "
@@ -449,7 +459,7 @@ def format_report(r: AotResult) -> str:
                    f"{r.xla_flops * r.accum_steps / 1e12:.3f} TFLOP)")
   if r.step_time_s and chip:
     lines.append(f"roofline ({chip.name}: {chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16, "
-                 f"{chip.hbm_bandwidth / 1e9:g} GB/s HBM): step >= {r.step_time_s * 1e3:.1f} ms "
+                 f"{chip.hbm_bandwidth / 1e9:g} GB/s HBM): step >= {_ms(r.step_time_s)} "
                  f"({r.bound}-bound), <= {r.tokens_per_s_per_chip:,.0f} tokens/s per chip")
   return "\n".join(lines)
 
@@ -576,7 +586,7 @@ def table_markdown(results: list[AotResult]) -> str:
         f"| {topo} | {r.chips} | {r.trainable_mode} | {r.inputs} | {r.rules} | {mesh} | {r.rows_per_shard:g} | "
         f"{r.batch_size}x{r.accum_steps} | {_fmt(state)} | {_fmt(r.temp_bytes)} | {_fmt(r.total_bytes)} | "
         f"{_fmt(r.hbm_bytes)} | {'yes' if r.fits else 'no'} | "
-        + (f"{r.step_time_s * 1e3:.3g} ms" if r.step_time_s and r.fits else "-") + " | "
+        + (_ms(r.step_time_s) if r.step_time_s and r.fits else "-") + " | "
         + (f"{r.tokens_per_s_per_chip:,.0f}" if r.tokens_per_s_per_chip and r.fits else "-") + " |")
   return "\n".join(lines)
 
