@@ -176,6 +176,7 @@ class AotResult:
   batch_bytes: int = 0
   # global, for the "shards N ways" check
   frozen_bytes_global: int = 0
+  encoder_bytes: int = 0       # per chip, part of frozen_bytes; unread (and dropped by XLA) with features in
   trainable_bytes_global: int = 0
   # per chip, from the compiled executable
   argument_bytes: int | None = None
@@ -262,7 +263,10 @@ def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotR
       hbm_bytes=chip.hbm_bytes if chip else None,
       trainable_bytes=_per_chip_bytes(trainable_s), frozen_bytes=_per_chip_bytes(frozen_s),
       opt_state_bytes=_per_chip_bytes(opt_s), batch_bytes=_per_chip_bytes(batch_s),
-      frozen_bytes_global=_global_bytes(frozen_s), trainable_bytes_global=_global_bytes(trainable_s))
+      frozen_bytes_global=_global_bytes(frozen_s), trainable_bytes_global=_global_bytes(trainable_s),
+      encoder_bytes=_per_chip_bytes([s for path, s in jax.tree_util.tree_flatten_with_path(frozen_s)[0]
+                                     if jax.tree_util.keystr(path, simple=True, separator=".")
+                                     .startswith("encoder.")]))
   frames = 0 if c.data.use_features else int(model.cfg.encoder.feature_lengths(audio_samples(c)))
   res.analytic_flops = trainer.step_flops(model, rows, L, c.data.n_audio_tokens,
                                           trainable_mode=c.train.trainable, encoder_frames=frames) / n
@@ -426,7 +430,9 @@ def format_report(r: AotResult) -> str:
            f"  trainable params   {_fmt(r.trainable_bytes):>11}   (all chips hold {_fmt(r.trainable_bytes_global)} "
            "in total)",
            f"  frozen params      {_fmt(r.frozen_bytes):>11}   ({r.frozen_bytes_global / max(r.frozen_bytes, 1):.1f}"
-           f"-way split of {_fmt(r.frozen_bytes_global)})",
+           f"-way split of {_fmt(r.frozen_bytes_global)})"
+           + (f"; the encoder's {_fmt(r.encoder_bytes)} is unread with features in (XLA drops it)"
+              if r.inputs == "features" and r.encoder_bytes else ""),
            f"  optimizer state    {_fmt(r.opt_state_bytes):>11}",
            f"  batch              {_fmt(r.batch_bytes):>11}"]
   if r.temp_bytes is not None:

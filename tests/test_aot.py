@@ -48,6 +48,7 @@ def test_fsdp_shards_parameters_four_ways(devices):
   assert r.chips == 4 and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
   assert r.fits is True and r.hbm_bytes == aot.CHIPS["TPU v5 lite"].hbm_bytes
   # Frozen weights split along `embed` over 4 chips: about a quarter each (small conv/norm leaves replicated).
+  assert 0 < r.encoder_bytes < r.frozen_bytes
   ratio = r.frozen_bytes / r.frozen_bytes_global
   assert 0.25 <= ratio <= 0.35, ratio
   # The compiler's argument bytes agree with ours (TPU tile padding aside).
