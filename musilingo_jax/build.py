@@ -278,10 +278,10 @@ class Data:
 
   def eval_examples(self, limit: int | None = None) -> list[dict]:
     """Decoded eval records (question, answer, kind, labels, features/audio) for generation."""
-    return _read_records(self.eval_files, limit)
+    return read_records(self.eval_files, limit)
 
   def train_examples(self, limit: int | None = None) -> list[dict]:
-    return _read_records(self.train_files, limit)
+    return read_records(self.train_files, limit)
 
 
   def generation_metrics(self, model, n: int) -> dict[str, float]:
@@ -293,7 +293,8 @@ class Data:
     return {k: float(v) for k, v in res.get("summary", {}).items() if isinstance(v, (int, float))}
 
 
-def _read_records(files, limit: int | None = None) -> list[dict]:
+def read_records(files, limit: int | None = None) -> list[dict]:
+  """Decoded records of ArrayRecord shards, in order, at most `limit` of them."""
   import grain
   from musilingo_jax.data import records
   out = []

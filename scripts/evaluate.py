@@ -56,19 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def records_examples(directory: str, split: str, limit: int | None) -> list[dict]:
-  import grain
+  from musilingo_jax.build import read_records
   from musilingo_jax.data import records
   files = records.shard_files(directory, split)
   if not files:
     sys.exit(f"evaluate: no {split} shards in {directory} (expected {records.shard_name(split, 0, 1)} ...)")
-  out = []
-  for path in files:
-    src = grain.sources.ArrayRecordDataSource([path])
-    for i in range(len(src)):
-      out.append(records.decode_record(src[i]))
-      if limit and len(out) >= limit:
-        return out
-  return out
+  return read_records(files, limit)
 
 
 def release_examples(dataset: str, data_dir: str, split: str, limit: int | None) -> list[dict]:
