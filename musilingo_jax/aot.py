@@ -269,10 +269,12 @@ def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotR
                                      .startswith("encoder.")]))
   frames = 0 if c.data.use_features else int(model.cfg.encoder.feature_lengths(audio_samples(c)))
   res.analytic_flops = trainer.step_flops(model, rows, L, c.data.n_audio_tokens,
-                                          trainable_mode=c.train.trainable, encoder_frames=frames) / n
+                                          trainable_mode=c.train.trainable, encoder_frames=frames,
+                                          head_positions=cfglib.loss_positions(c)) / n
 
   step_fn = trainlib.make_train_step(graphdef, tx, accum_steps=c.train.accum_steps,
-                                     accum_reduce=c.train.accum_reduce, dropout_seed=c.seed)
+                                     accum_reduce=c.train.accum_reduce, dropout_seed=c.seed,
+                                     loss_positions=cfglib.loss_positions(c))
   jitted = trainlib.jit_train_step(step_fn, trainable_sh=trainable_sh, opt_sh=opt_sh, frozen_sh=frozen_sh,
                                    batch_sh=batch_sh, replicated=rep)
   t0 = time.perf_counter()

@@ -155,6 +155,8 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
       raise FileNotFoundError(f"{path}: missing (is {workdir} a training run directory?)")
     c = ml_collections.ConfigDict(json.loads(path.read_text()))
     model, tok, _ = build_model(c)
+    if c.model.get("feature_norm", ""):
+      attach_feature_norm(c, model, demo_dirs(c, model)[1] if c.data.dataset == "demo" else c.data.records_dir)
     graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
     ckpt = ckptlib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1 << 30,
                                 keep_best=False)
@@ -308,10 +310,28 @@ def read_records(files, limit: int | None = None) -> list[dict]:
 
 
 def build_data(c, tokenizer, model) -> Data:
+  """The run's data; also attaches the feature standardisation (config.model.feature_norm) to `model`,
+  so call it before splitting the model into trainable and frozen parts."""
   if tokenizer is None:
     raise ValueError("no tokenizer: give config.model.checkpoint (converted with its tokenizer) or "
                      "config.model.llm_gguf")
   if c.data.dataset == "demo":
     _, rec_dir = prepare_demo(c, model)
-    return Data(c, tokenizer, str(rec_dir))
-  return Data(c, tokenizer, c.data.records_dir)
+  else:
+    rec_dir = c.data.records_dir
+  attach_feature_norm(c, model, rec_dir)
+  return Data(c, tokenizer, str(rec_dir))
+
+
+def attach_feature_norm(c, model: MusiLingo, records_dir) -> dict | None:
+  """config.model.feature_norm = "train_stats": the training split's per-dimension feature mean and std
+  (data.records.feature_stats, cached next to the shards) standardise the projection's input."""
+  if not c.model.get("feature_norm", ""):
+    return None
+  from musilingo_jax.data import records
+  try:
+    stats = records.feature_stats(records_dir, c.data.train_split)
+  except FileNotFoundError as e:
+    raise ValueError(f"config.model.feature_norm = {c.model.feature_norm!r}: {e}") from None
+  model.set_feature_norm(np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32))
+  return stats

@@ -43,6 +43,9 @@ def base_config() -> ConfigDict:
   c.model.frozen_dtype = "bfloat16"    # frozen weights as stored on device; trainables are always float32
   c.model.attention_impl = "xla"       # "xla", "cudnn" (flash attention on GPU) or "auto"
   c.model.spec_augment = False         # MERT time masking in training (encoder inside the step only)
+  # "" (the reference) or "train_stats": standardise the projection's input per dimension with the training
+  # split's feature statistics (records.feature_stats; needs precomputed features). Export folds it in.
+  c.model.feature_norm = ""
 
   c.data = ConfigDict()
   c.data.dataset = "musicqa"      # lp-musiccaps-msd | musicqa | musicinstruct | musiccaps | demo
@@ -82,6 +85,9 @@ def base_config() -> ConfigDict:
   c.train.b2 = 0.999
   c.train.eps = 1e-8
   c.train.clip_norm = 0.0         # 0 = no clipping (the reference)
+  # The LM head and softmax only at the (at most prompt.max_txt_len) label positions of each row: the
+  # same loss, less compute (MusiLingo.loss). False computes logits at every position.
+  c.train.head_at_labels = True
 
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)       # (data, fsdp, tensor); one -1 fills the remaining devices
@@ -107,6 +113,11 @@ def apply_schedule(c: ConfigDict, name: str) -> None:
   c.train.init_lr, c.train.min_lr, c.train.warmup_lr = init, lo, warm
   c.train.warmup_steps, c.train.iters_per_epoch, c.train.epochs = wsteps, ipe, epochs
   c.train.batch_size, c.train.accum_steps = batch, accum
+
+
+def loss_positions(c: ConfigDict) -> int | None:
+  """The K of MusiLingo.loss: every row has at most prompt.max_txt_len label tokens."""
+  return int(c.prompt.max_txt_len) if c.train.get("head_at_labels", True) else None
 
 
 def num_train_steps(c: ConfigDict) -> int:
@@ -137,6 +148,10 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool =
   _choice(c.model.encoder_preset, "model.encoder_preset", ENCODER_PRESETS)
   _choice(c.model.llm_preset, "model.llm_preset", LLM_PRESETS)
   _choice(c.data.layout, "data.layout", LAYOUTS)
+  _choice(c.model.get("feature_norm", ""), "model.feature_norm", ("", "train_stats"))
+  if c.model.get("feature_norm", "") and not c.data.use_features:
+    raise ConfigError("config.model.feature_norm = 'train_stats' needs precomputed features "
+                      "(config.data.use_features = True): the statistics come from them")
   _choice(c.data.dataset, "data.dataset", ("lp-musiccaps-msd", "musicqa", "musicinstruct", "musiccaps", "demo"))
   _choice(c.train.trainable, "train.trainable", TRAIN_MODES)
   _choice(c.train.accum_reduce, "train.accum_reduce", ("sum", "mean"))
@@ -206,6 +221,8 @@ def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:
   c.model.frozen_dtype = "float32"
   # A demo choice, not the reference's t = 325: pooling over ~1.7 s keeps more of a 10 s clip.
   c.model.pool_frames = 125
+  # The random encoder's features are ~97 % one shared direction: standardised, the projection trains.
+  c.model.feature_norm = "train_stats"
   c.data.n_audio_tokens = 3 if smoke else 6
   c.data.max_len = 64
   c.prompt.max_txt_len = 32
@@ -218,7 +235,9 @@ def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:
   c.train.accum_steps = 1
   c.train.init_lr, c.train.min_lr, c.train.warmup_lr = 5e-3, 5e-4, 1e-5
   c.train.warmup_steps = 2 if smoke else 15
-  c.train.iters_per_epoch = 4 if smoke else 150
+  # 200 steps (~3 s each on 2 cores): held-out instrument accuracy 0.57 with the audio vs 0.10 zeroed in
+  # our run; 150 steps gave 0.30 vs 0.08 (both with feature_norm; without it the audio did not matter).
+  c.train.iters_per_epoch = 4 if smoke else 200
   c.train.epochs = 1
   c.train.weight_decay = 0.05
   c.log_every = 1 if smoke else 10

@@ -41,7 +41,10 @@ def report(c, workdir: str, summary: dict, *, limit: int | None = None) -> dict:
   model, tokenizer, data = summary["model"], summary["tokenizer"], summary["data"]
   test = data.eval_examples(limit)
   train = data.train_examples()
-  kw = dict(batch_size=16, n_audio_tokens=c.data.n_audio_tokens, prompt_cfg=prompt_config(c), greedy=True,
+  # Decoding on CPU reads every weight once per token whatever the batch, so batches are wide (up to 64
+  # rows) and evenly filled (little padding work in the prefill).
+  n_batches = -(-len(test) // 64)
+  kw = dict(batch_size=-(-len(test) // n_batches), n_audio_tokens=c.data.n_audio_tokens, prompt_cfg=prompt_config(c), greedy=True,
             max_new_tokens=c.eval.max_new_tokens, bertscore=False)
   print(f"\ndemo: answering {len(test)} held-out questions (greedy), with the audio and with it zeroed ...",
         flush=True)

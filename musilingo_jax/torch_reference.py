@@ -113,8 +113,9 @@ class TorchMusiLingo:
   def copy_projection_from_ours(self, model) -> None:
     """Sets the torch projection to `model.llama_proj` (e.g. to restart from the same point)."""
     with torch.no_grad():
-      self.proj.weight.copy_(torch.from_numpy(np.asarray(model.llama_proj.kernel[...], np.float32).T.copy()))
-      self.proj.bias.copy_(torch.from_numpy(np.asarray(model.llama_proj.bias[...], np.float32)))
+      kernel, bias = model.projection_weights()
+      self.proj.weight.copy_(torch.from_numpy(np.asarray(kernel, np.float32).T.copy()))
+      self.proj.bias.copy_(torch.from_numpy(np.asarray(bias, np.float32)))
 
   @classmethod
   def random(cls, cfg, *, with_encoder: bool = True) -> "TorchMusiLingo":
@@ -135,6 +136,7 @@ class TorchMusiLingo:
                             ignore=llama.hf_ignore_keys(model.cfg.llm))
     model.llama_proj.kernel.set_value(jnp.asarray(self.proj.weight.detach().numpy().T))
     model.llama_proj.bias.set_value(jnp.asarray(self.proj.bias.detach().numpy()))
+    model.set_feature_norm(None, None)  # torch's projection works on raw features
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------------

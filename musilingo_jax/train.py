@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from musilingo_jax.models.musilingo import causal_lm_loss
 
 TRAIN_MODES = ("projection", "projection+lora", "all")
 
@@ -107,12 +106,12 @@ def _micro_batches(batch: dict, accum_steps: int) -> dict:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, accum_steps: int = 1,
-                    accum_reduce: str = "sum", dropout_seed: int = 0):
+                    accum_reduce: str = "sum", dropout_seed: int = 0, loss_positions: int | None = None):
   """The pure step: (trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, metrics).
 
   Gradient accumulation over `accum_steps` micro-batches of the given batch: "sum" adds the
   micro-batch gradients, as the reference does (its loss is not divided by the number of
-  micro-steps); "mean" averages them.
+  micro-steps); "mean" averages them. loss_positions: see MusiLingo.loss (None = logits everywhere).
   """
   if accum_reduce not in ("sum", "mean"):
     raise ValueError(f"config.train.accum_reduce must be 'sum' or 'mean', got {accum_reduce!r}")
@@ -122,9 +121,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, accum_steps: 
     frozen = jax.tree.map(lambda x: x, frozen)
     model = nnx.merge(graphdef, trainable, frozen)
     nnx.reseed(model, dropout=jax.random.fold_in(jax.random.key(dropout_seed), rng_step))
-    logits = model(batch)
-    loss, count = causal_lm_loss(logits, batch["labels"])
-    return loss, count
+    return model.loss(batch, loss_positions=loss_positions)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -155,11 +152,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, accum_steps: 
   return step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, *, loss_positions: int | None = None):
   """(trainable, frozen, batch) -> (loss summed over tokens, token count)."""
   def step(trainable, frozen, batch):
     model = nnx.merge(graphdef, trainable, frozen)
-    loss, count = causal_lm_loss(model(batch), batch["labels"])
+    loss, count = model.loss(batch, loss_positions=loss_positions)
     return loss * count, count
   return step
 

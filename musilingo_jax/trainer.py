@@ -72,26 +72,30 @@ def _count(module, filt) -> int:
 
 
 def step_flops(model, rows: int, seq_len: int, n_audio_tokens: int, *, trainable_mode: str,
-               encoder_frames: int = 0) -> float:
+               encoder_frames: int = 0, head_positions: int | None = None) -> float:
   """FLOPs one step must do (LESSONS.md 14), not 6N: per token the frozen LLM's matmuls forward (2N)
   and their activation gradients backward (2N; frozen weights get no weight gradients), attention
   (QK^T and AV: forward, and twice that backward), weight gradients only for trainable leaves
   (projection per audio token; LoRA/all per token), and the encoder's forward when it runs in the step.
-  Counts the full (unmasked) attention matrix, which is what the kernels compute."""
+  The LM head runs at `head_positions` per row when the loss computes logits only there
+  (config.train.head_at_labels), else at every position. Counts the full (unmasked) attention matrix,
+  which is what the kernels compute."""
   cfg = model.cfg.llm
   base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-  n_mat = _count(model.llm, base) - cfg.vocab_size * cfg.hidden_size  # the lookup is no matmul
-  if cfg.tie_word_embeddings:
-    n_mat += cfg.vocab_size * cfg.hidden_size                         # the tied lm_head is
+  head = cfg.vocab_size * cfg.hidden_size
+  n_body = _count(model.llm, base) - head  # the lookup is no matmul
+  if not cfg.tie_word_embeddings:
+    n_body -= head                          # the untied lm_head is counted apart
   attn_fwd = 4 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.head_dim
   tokens = rows * seq_len
-  flops = tokens * (4 * n_mat + 3 * attn_fwd)
+  head_tokens = rows * min(seq_len, head_positions or seq_len)
+  flops = tokens * (4 * n_body + 3 * attn_fwd) + head_tokens * 4 * head
   d_enc, d_llm = model.cfg.encoder.hidden_size, cfg.hidden_size
   flops += 6 * d_enc * d_llm * rows * n_audio_tokens
   if trainable_mode == "projection+lora":
     flops += 2 * _count(model.llm, nnx.LoRAParam) * tokens
   elif trainable_mode == "all":
-    flops += 2 * n_mat * tokens
+    flops += 2 * (n_body * tokens + head * head_tokens)
   if encoder_frames:
     n_enc = _count(model.encoder.encoder, nnx.Param)
     flops += 2 * n_enc * encoder_frames * rows
@@ -181,9 +185,10 @@ def run(c, workdir: str) -> dict[str, Any]:
     print(f"resumed from {ckpt.directory}/{start} (step {meta['step']})", flush=True)
 
   step_fn = trainlib.make_train_step(graphdef, tx, accum_steps=accum,
-                                     accum_reduce=c.train.accum_reduce, dropout_seed=c.seed)
+                                     accum_reduce=c.train.accum_reduce, dropout_seed=c.seed,
+                                     loss_positions=cfglib.loss_positions(c))
   batch_sh = None  # filled per key at the first batch
-  eval_fn = jax.jit(trainlib.make_eval_step(eval_graphdef))
+  eval_fn = jax.jit(trainlib.make_eval_step(eval_graphdef, loss_positions=cfglib.loss_positions(c)))
 
   writer = MetricsWriter(workdir)
   stop = _install_sigterm()
@@ -214,7 +219,8 @@ def run(c, workdir: str) -> dict[str, Any]:
         frames = (model.cfg.encoder.feature_lengths(gbatch["audio"].shape[-1])
                   if "audio" in gbatch else 0)
         flops_per_step = step_flops(model, gbatch["input_ids"].shape[0], seq_len, c.data.n_audio_tokens,
-                                    trainable_mode=c.train.trainable, encoder_frames=int(frames))
+                                    trainable_mode=c.train.trainable, encoder_frames=int(frames),
+                                    head_positions=cfglib.loss_positions(c))
       new_trainable, new_opt, m = compiled(trainable, opt_state, frozen, gbatch, jnp.asarray(step, jnp.int32))
       loss = float(m["loss"])
       if not bool(m["finite"]):

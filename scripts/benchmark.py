@@ -226,7 +226,9 @@ def bench_step(shape: Shape, model, ref: tr.TorchMusiLingo, *, mode: str, use_au
   tx = trainlib.make_optimizer(schedule=lambda _: 1e-4)
   opt_state = jax.jit(tx.init)(trainable)
   t0 = time.perf_counter()
-  step = jax.jit(trainlib.make_train_step(graphdef, tx), donate_argnums=(0, 1)).lower(
+  # The LM head only at the (at most max_answer) label positions, as the trainer does (head_at_labels).
+  step = jax.jit(trainlib.make_train_step(graphdef, tx, loss_positions=shape.max_answer),
+                 donate_argnums=(0, 1)).lower(
       trainable, opt_state, frozen, batch, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - t0
   torch_step = tr.TorchTrainStep(ref, lora_params=lora_params, lr=1e-4)
@@ -261,7 +263,8 @@ def bench_step(shape: Shape, model, ref: tr.TorchMusiLingo, *, mode: str, use_au
   best_threads = candidates[0]
   t_ours, t_torch = statistics.median(ours), statistics.median(theirs[best_threads])
   frames = int(model.cfg.encoder.feature_lengths(shape.samples)) if use_audio else 0
-  flops = trainer.step_flops(model, shape.rows, shape.seq, shape.n_audio, trainable_mode=mode, encoder_frames=frames)
+  flops = trainer.step_flops(model, shape.rows, shape.seq, shape.n_audio, trainable_mode=mode, encoder_frames=frames,
+                             head_positions=shape.max_answer)
   tokens = shape.rows * shape.seq
   del trainable, opt_state, step
   gc.collect()

@@ -38,9 +38,9 @@ def main(argv=None) -> int:
                                            projection=args.projection, step=args.step)
   os.makedirs(args.out, exist_ok=True)
   pth = os.path.join(args.out, "musilingo_checkpoint.pth")
-  convert.save_musilingo_pth(pth, np.asarray(model.llama_proj.kernel.get_value()),
-                             np.asarray(model.llama_proj.bias.get_value()))
-  print(f"wrote {pth}")
+  kernel, bias = model.projection_weights()  # a feature standardisation (demo) folded in: works on raw features
+  convert.save_musilingo_pth(pth, np.asarray(kernel), np.asarray(bias))
+  print(f"wrote {pth}{' (feature standardisation folded into the projection)' if model.feature_norm else ''}")
   if not args.no_llm:
     path = convert.export_llm_hf(model.llm, os.path.join(args.out, "llm"), args.dtype, tokenizer=tok)
     print(f"wrote {path} (LlamaForCausalLM{', LoRA merged' if model.cfg.lora else ''})")

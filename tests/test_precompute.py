@@ -194,6 +194,15 @@ def test_encoder_features(tmp_path):
   want = fn(records.dequantize_audio(recs[1]["audio"]))  # the clip alone, at its own length
   np.testing.assert_allclose(recs[1]["features"], want, rtol=1e-3, atol=1e-3)
   assert report["feature_frames"] == 4 and report["feature_dim"] == 32 and report["pool_frames"] == 10
+  # Per-dimension statistics over every feature token of the split, cached beside the shards.
+  stats = records.feature_stats(tmp_path / "rec", "train")
+  every = np.concatenate([r["features"] for r in recs]).astype(np.float64)
+  np.testing.assert_allclose(stats["mean"], every.mean(0), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(stats["std"], every.std(0), rtol=1e-5, atol=1e-9)
+  assert stats["tokens"] == len(every) and (tmp_path / "rec" / "train-feature-stats.json").is_file()
+  assert records.feature_stats(tmp_path / "rec", "train") == stats
+  with pytest.raises(FileNotFoundError, match="no test shards"):
+    records.feature_stats(tmp_path / "rec", "test")
   # The CLI's --encoder path: a converted checkpoint directory loads back to the same weights.
   loaded = records.load_encoder(convert.export_encoder_hf(encoder, tmp_path / "enc"))
   for a, b in zip(jax.tree.leaves(nnx.state(encoder, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):

@@ -259,6 +259,67 @@ def test_gradient_accumulation_sums_micro_batch_gradients():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b) / 2, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("layout", ["reference", "packed"])
+def test_head_at_label_positions_only_gives_the_same_loss_and_gradients(layout):
+  """MusiLingo.loss with K >= every row's label count equals the full-logits reference loss (value and
+  gradients); K below a row's label count is refused loudly (NaN), never silently wrong."""
+  cfg = _configs(lora=layers.LoRAConfig(rank=2, alpha=4.0, dropout=0.0))
+  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  graphdef, trainable, frozen = trainlib.split_model(model, "projection+lora")
+  rng = np.random.default_rng(3)
+  exs = [{"before": rng.integers(3, 90, 3).astype(np.int32),
+          "after": rng.integers(3, 90, 2 + i % 3).astype(np.int32),
+          "answer": rng.integers(3, 90, 2 + 2 * i).astype(np.int32),   # 2..8 label tokens
+          "features": rng.standard_normal((2, cfg.encoder.hidden_size)).astype(np.float32)} for i in range(4)]
+  batch = jax.tree.map(jnp.asarray, prompts.collate(exs, n_audio_tokens=2, max_len=32, bos_id=BOS, pad_id=PAD,
+                                                     layout=layout))
+  # Perturb LoRA's B (zero at init) so its gradients are not trivially equal.
+  trainable = jax.tree.map(lambda x: x + 0.01 * jnp.ones_like(x), trainable)
+
+  def loss(t, k):
+    return nnx.merge(graphdef, t, frozen).loss(batch, loss_positions=k)
+
+  full, count = loss(trainable, None)
+  want = causal_lm_loss(nnx.merge(graphdef, trainable, frozen)(batch), batch["labels"])
+  np.testing.assert_allclose(float(full), float(want[0]), rtol=1e-6)
+  for k in (8, 12):
+    got, got_count = loss(trainable, k)
+    assert int(got_count) == int(count) == int((batch["labels"] != -100).sum())
+    np.testing.assert_allclose(float(got), float(full), rtol=1e-5)
+  g_full = jax.grad(lambda t: loss(t, None)[0])(trainable)
+  g_k = jax.grad(lambda t: loss(t, 8)[0])(trainable)
+  for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_full)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+  assert np.isnan(float(loss(trainable, 7)[0]))   # the last row has 8 labels
+
+
+def test_feature_norm_folds_into_an_equal_plain_projection():
+  """The demo's feature standardisation changes what the projection sees; projection_weights folds it into
+  one Linear on raw features (what export writes and the torch reference loads) with the same output."""
+  cfg = _configs()
+  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(1)
+  d = cfg.encoder.hidden_size
+  feats = jnp.asarray(3.0 + 0.1 * rng.standard_normal((2, 3, d)), jnp.float32)
+  plain = model.audio_embeddings({"features": feats})
+  mean, std = 3.0 + 0.01 * rng.standard_normal(d), 0.1 + 0.01 * rng.random(d)
+  model.set_feature_norm(mean, std)
+  normed = model.audio_embeddings({"features": feats})
+  assert not np.allclose(np.asarray(normed), np.asarray(plain), atol=1e-2)
+  want = model.llama_proj(((feats - mean) / std).astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(normed), np.asarray(want), rtol=1e-5, atol=1e-5)
+  kernel, bias = model.projection_weights()
+  np.testing.assert_allclose(np.asarray(feats @ kernel + bias), np.asarray(normed), rtol=1e-4, atol=1e-4)
+  # Never trainable: not in any mode's trainable state.
+  for mode in trainlib.TRAIN_MODES:
+    _, trainable, _ = trainlib.split_model(model, mode)
+    assert not any("feature_norm" in ".".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable))
+  with pytest.raises(ValueError, match="dimensions"):
+    model.set_feature_norm(mean[:-1], std[:-1])
+  model.set_feature_norm(None, None)
+  np.testing.assert_allclose(np.asarray(model.audio_embeddings({"features": feats})), np.asarray(plain))
+
+
 def test_schedule_equals_reference_formula():
   cfg = trainlib.ScheduleConfig(init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=5000,
                                 iters_per_epoch=5000, epochs=6)

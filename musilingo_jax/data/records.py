@@ -377,6 +377,42 @@ def read_report(out_dir, split) -> dict | None:
   return json.loads(path.read_text()) if path.is_file() else None
 
 
+def feature_stats(out_dir, split: str) -> dict:
+  """Per-dimension mean and std of the precomputed pooled features of a split (every token of every
+  record, as training sees them) -> {"mean", "std", "tokens", "shards"}; cached in
+  {split}-feature-stats.json and recomputed when the shards change (names and sizes)."""
+  import grain
+  files = shard_files(out_dir, split)
+  if not files:
+    raise FileNotFoundError(f"{out_dir}: no {split} shards to compute feature statistics from")
+  shards = [[os.path.basename(f), os.path.getsize(f)] for f in files]
+  path = Path(out_dir) / f"{split}-feature-stats.json"
+  if path.is_file():
+    cached = json.loads(path.read_text())
+    if cached.get("shards") == shards:
+      return cached
+  total = total_sq = None
+  tokens = 0
+  for f in files:
+    src = grain.sources.ArrayRecordDataSource([f])
+    for i in range(len(src)):
+      rec = decode_record(src[i])
+      feats = rec.get("features")
+      if feats is None:
+        raise ValueError(f"{f}: record {rec.get('id', i)!r} has no 'features' (precompute with --features)")
+      x = np.asarray(feats, np.float64).reshape(-1, np.shape(feats)[-1])
+      if total is None:
+        total, total_sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+      total += x.sum(0)
+      total_sq += np.square(x).sum(0)
+      tokens += x.shape[0]
+  mean = total / tokens
+  std = np.sqrt(np.maximum(total_sq / tokens - np.square(mean), 0.0))
+  stats = {"mean": mean.tolist(), "std": std.tolist(), "tokens": tokens, "shards": shards}
+  _atomic_write_text(path, json.dumps(stats))
+  return stats
+
+
 # ----------------------------------------------------------------------------------------------------
 # Encoder features
 

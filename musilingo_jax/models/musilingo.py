@@ -7,6 +7,12 @@ SPEC.md section 1, exactly:
   * `llama_proj = Linear(D_enc, D_llm, bias=True)`: the only trainable parameters in the reference;
   * the projected audio tokens replace the audio slots of the token sequence built by `prompts.collate`.
 
+Optional, off in the reference presets: a fixed per-dimension standardisation of the projection's input
+(`set_feature_norm`, statistics of the training set's pooled features). A random encoder's features share
+one large common component (cosine similarity ~0.97 between demo clips), which conditions the projection's
+training badly; standardised, the differences between clips carry the signal. `projection_weights` folds it
+into an equivalent plain Linear for export, so the exported projection works on raw features.
+
 Two ways in, giving the same loss: raw audio windows (`batch["audio"]`, the encoder runs inside the step
 under stop_gradient) or features precomputed by `pooled_features` (`batch["features"]`). Pooling commutes
 with the affine projection, so precomputing the pooled features loses nothing.
@@ -70,6 +76,25 @@ def splice(embeds: jax.Array, audio: jax.Array, audio_start: jax.Array) -> jax.A
   return jax.vmap(one)(embeds, audio, audio_start)
 
 
+class FeatureStat(nnx.Variable):
+  """A fixed (never trained) statistic of the data: not an nnx.Param, so no filter makes it trainable."""
+
+
+class FeatureNorm(nnx.Module):
+  """x -> (x - mean) * inv_std, per feature dimension."""
+
+  def __init__(self, mean, std, eps: float = 1e-6):
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    if mean.ndim != 1 or mean.shape != std.shape:
+      raise ValueError(f"feature statistics must be two vectors of the same length, got {mean.shape} and "
+                       f"{std.shape}")
+    self.mean = FeatureStat(mean)
+    self.inv_std = FeatureStat(1.0 / jnp.maximum(std, eps))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return (x - self.mean[...]) * self.inv_std[...]
+
+
 class MusiLingo(nnx.Module):
 
   def __init__(self, cfg: MusiLingoConfig, *, rngs: nnx.Rngs):
@@ -82,6 +107,25 @@ class MusiLingo(nnx.Module):
     self.llama_proj = layers.Linear(d_enc, d_llm, use_bias=True, in_axis=None, out_axis="embed",
                                     rngs=rngs, dtype=jnp.float32, kernel_init=init)
     self.llama_proj.bias.set_value(init(rngs.params(), (d_llm,), jnp.float32))
+    self.feature_norm: FeatureNorm | None = nnx.data(None)
+
+  def set_feature_norm(self, mean, std) -> None:
+    """Standardise the projection's input with these per-dimension statistics (None, None: off)."""
+    if mean is None:
+      self.feature_norm = nnx.data(None)
+      return
+    if len(mean) != self.cfg.encoder.hidden_size:
+      raise ValueError(f"feature statistics have {len(mean)} dimensions, the encoder {self.cfg.encoder.hidden_size}")
+    self.feature_norm = nnx.data(FeatureNorm(mean, std))
+
+  def projection_weights(self) -> tuple[jax.Array, jax.Array]:
+    """(kernel [D_enc, D_llm], bias [D_llm]) of the plain Linear on raw features that equals
+    feature_norm + llama_proj: kernel * inv_std[:, None], bias - (mean * inv_std) @ kernel."""
+    kernel, bias = self.llama_proj.kernel[...], self.llama_proj.bias[...]
+    if self.feature_norm is None:
+      return kernel, bias
+    inv, mean = self.feature_norm.inv_std[...], self.feature_norm.mean[...]
+    return kernel * inv[:, None], bias - (mean * inv) @ kernel
 
   def audio_features(self, batch: dict) -> jax.Array:
     """Pooled encoder features [B, T', D_enc]: precomputed, or computed here with no backward pass."""
@@ -91,7 +135,10 @@ class MusiLingo(nnx.Module):
     return jax.lax.stop_gradient(feats)
 
   def audio_embeddings(self, batch: dict) -> jax.Array:
-    return self.llama_proj(self.audio_features(batch))  # [B, T', D_llm], float32
+    feats = self.audio_features(batch)
+    if self.feature_norm is not None:
+      feats = self.feature_norm(feats)
+    return self.llama_proj(feats)  # [B, T', D_llm], float32
 
   def input_embeddings(self, batch: dict) -> jax.Array:
     embeds = self.llm.embed(batch["input_ids"])  # [B, L, D_llm]
@@ -102,6 +149,32 @@ class MusiLingo(nnx.Module):
     logits, _ = self.llm(inputs_embeds=self.input_embeddings(batch),
                          attention_mask=batch["attention_mask"], positions=batch["positions"])
     return logits
+
+  def loss(self, batch: dict, *, loss_positions: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The reference loss of `causal_lm_loss` -> (loss, label count).
+
+    loss_positions = K: the LM head and softmax run only at each row's first K label positions (after
+    the shift) instead of all L; the same loss whenever no row has more than K labels (answers are cut
+    to prompt.max_txt_len tokens, so K = max_txt_len is exact). The head is ~20 % of SmolLM2-135M's
+    FLOPs and its [B, L, vocab] logits dominate memory traffic on CPU.
+    """
+    if loss_positions is None or loss_positions >= batch["labels"].shape[1] - 1:
+      return causal_lm_loss(self(batch), batch["labels"])
+    h, _ = self.llm.final_hidden(inputs_embeds=self.input_embeddings(batch),
+                                 attention_mask=batch["attention_mask"], positions=batch["positions"])
+    targets = batch["labels"][:, 1:]
+    valid = targets != -100
+    # Label positions first, in order (a stable sort of the "not a label" flag), then the first K.
+    order = jnp.argsort(~valid, axis=1, stable=True)[:, :loss_positions]
+    h = jnp.take_along_axis(h[:, :-1], order[..., None], axis=1)          # [B, K, hidden]
+    targets = jnp.take_along_axis(targets, order, axis=1)
+    picked = jnp.take_along_axis(valid, order, axis=1)
+    ce = optax.softmax_cross_entropy_with_integer_labels(self.llm.lm_logits(h), jnp.where(picked, targets, 0))
+    count = picked.sum()
+    # A row with more than K labels would lose tokens: make that loud (NaN) rather than silently wrong.
+    overflow = valid.sum() != count
+    loss = jnp.where(picked, ce, 0.0).sum() / jnp.maximum(count, 1)
+    return jnp.where(overflow, jnp.nan, loss), count
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
