@@ -8,6 +8,8 @@ mesh axes it maps to is replicated instead (e.g. Vicuna's vocab of 32001 under t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Sequence
 
@@ -120,3 +122,33 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
   """
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
           for k, v in local_batch.items()}
+
+
+# ---- activations -----------------------------------------------------------------------------------
+# Weights carry their shardings in, but without constraints on the activations XLA is free to (and under
+# FSDP does) gather the whole batch onto every chip. Models call `constrain` on their [B, T, D] hidden
+# states; inside `activation_sharding(mesh, rules)` (the trainer and the AOT compiler trace the step there)
+# that pins the batch dimension to the mesh's batch axes, elsewhere it is the identity.
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("musilingo_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules | str):
+  """Trace model code inside this to constrain its activations (see `constrain`)."""
+  token = _ACTIVATIONS.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None] = ("batch",)) -> jax.Array:
+  """with_sharding_constraint by logical names (missing trailing names = replicated dimensions) inside
+  `activation_sharding`; the identity outside it."""
+  ctx = _ACTIVATIONS.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  names = tuple(names) + (None,) * (x.ndim - len(names))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))

@@ -206,66 +206,68 @@ def run(c, workdir: str) -> dict[str, Any]:
   t_last, tokens_since, label_tokens_since, last_log_step = time.perf_counter(), 0, 0, start
   step = start
   try:
-    while step < num_steps:
-      local = next(train_it)
-      if step == fault_nan:
-        local = {k: (v * np.nan if k in ("features", "audio") else v) for k, v in local.items()}
-      gbatch = sharding.global_batch(local, mesh)
-      if compiled is None:
-        batch_sh = {k: v.sharding for k, v in gbatch.items()}
-        compiled = trainlib.jit_train_step(step_fn, trainable_sh=trainable_sh, opt_sh=opt_sh,
-                                           frozen_sh=frozen_sh, batch_sh=batch_sh, replicated=rep)
-        seq_len = gbatch["input_ids"].shape[1]
-        frames = (model.cfg.encoder.feature_lengths(gbatch["audio"].shape[-1])
-                  if "audio" in gbatch else 0)
-        flops_per_step = step_flops(model, gbatch["input_ids"].shape[0], seq_len, c.data.n_audio_tokens,
-                                    trainable_mode=c.train.trainable, encoder_frames=int(frames),
-                                    head_positions=cfglib.loss_positions(c))
-      new_trainable, new_opt, m = compiled(trainable, opt_state, frozen, gbatch, jnp.asarray(step, jnp.int32))
-      loss = float(m["loss"])
-      if not bool(m["finite"]):
-        raise NonFiniteLoss(
-            f"non-finite loss ({loss}) at step {step}: stopping. Nothing from this step was saved; the "
-            f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-      trainable, opt_state = new_trainable, new_opt
-      step += 1
-      tokens_since += int(np.prod(gbatch["input_ids"].shape))
-      label_tokens_since += int(m["tokens"])
-      if progress is not None:
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
-      if step % c.log_every == 0 or step == num_steps:
-        jax.block_until_ready(trainable)
-        now = time.perf_counter()
-        dt = (now - t_last) / (step - last_log_step)  # the first window includes compilation
-        last = {"loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
-                "tokens_per_s": tokens_since / (now - t_last),
-                "label_tokens_per_s": label_tokens_since / (now - t_last), "step_time_s": dt,
-                "mfu": flops_per_step / dt / peak}
-        writer.write(step, last)
-        t_last, tokens_since, label_tokens_since, last_log_step = now, 0, 0, step
-      metrics_for_ckpt = None
-      if step % c.eval_every == 0 or step == num_steps:
-        ev = evaluate_loss(eval_fn, trainable, frozen, data.eval_batches(c.eval_batches), mesh)
-        if c.eval.generate_samples:
-          ev.update(data.generation_metrics(nnx.merge(eval_graphdef, trainable, frozen),
-                                            c.eval.generate_samples))
-        writer.write(step, ev, prefix="eval")
-        last.update({f"eval_{k}": v for k, v in ev.items()})
-        metrics_for_ckpt = {"eval_loss": ev["loss"]}
-        if is_main:
-          print(f"\nstep {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
-      if step % c.save_every == 0 or step == num_steps or stop["stop"]:
-        ckpt.save(step, trainable=trainable, opt_state=opt_state,
-                  data_state=gather_data_state(data.get_train_state(train_it)),
-                  config_json=c.to_json_best_effort(),
-                  frozen_ref=frozen_ref, metrics=metrics_for_ckpt, force=True)
-      if step == fault_kill:
-        os.kill(os.getpid(), signal.SIGKILL)  # mid-run, possibly while an async save is in flight
-      if stop["stop"]:
-        print(f"\npreempted: saved step {step} to {ckpt.directory}; re-run the same command to resume",
-              flush=True)
-        break
+    # The step and eval traces happen inside: hidden states keep the batch split (sharding.constrain).
+    with sharding.activation_sharding(mesh, rules):
+      while step < num_steps:
+        local = next(train_it)
+        if step == fault_nan:
+          local = {k: (v * np.nan if k in ("features", "audio") else v) for k, v in local.items()}
+        gbatch = sharding.global_batch(local, mesh)
+        if compiled is None:
+          batch_sh = {k: v.sharding for k, v in gbatch.items()}
+          compiled = trainlib.jit_train_step(step_fn, trainable_sh=trainable_sh, opt_sh=opt_sh,
+                                             frozen_sh=frozen_sh, batch_sh=batch_sh, replicated=rep)
+          seq_len = gbatch["input_ids"].shape[1]
+          frames = (model.cfg.encoder.feature_lengths(gbatch["audio"].shape[-1])
+                    if "audio" in gbatch else 0)
+          flops_per_step = step_flops(model, gbatch["input_ids"].shape[0], seq_len, c.data.n_audio_tokens,
+                                      trainable_mode=c.train.trainable, encoder_frames=int(frames),
+                                      head_positions=cfglib.loss_positions(c))
+        new_trainable, new_opt, m = compiled(trainable, opt_state, frozen, gbatch, jnp.asarray(step, jnp.int32))
+        loss = float(m["loss"])
+        if not bool(m["finite"]):
+          raise NonFiniteLoss(
+              f"non-finite loss ({loss}) at step {step}: stopping. Nothing from this step was saved; the "
+              f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+        trainable, opt_state = new_trainable, new_opt
+        step += 1
+        tokens_since += int(np.prod(gbatch["input_ids"].shape))
+        label_tokens_since += int(m["tokens"])
+        if progress is not None:
+          progress.update(1)
+          progress.set_postfix(loss=f"{loss:.4f}")
+        if step % c.log_every == 0 or step == num_steps:
+          jax.block_until_ready(trainable)
+          now = time.perf_counter()
+          dt = (now - t_last) / (step - last_log_step)  # the first window includes compilation
+          last = {"loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
+                  "tokens_per_s": tokens_since / (now - t_last),
+                  "label_tokens_per_s": label_tokens_since / (now - t_last), "step_time_s": dt,
+                  "mfu": flops_per_step / dt / peak}
+          writer.write(step, last)
+          t_last, tokens_since, label_tokens_since, last_log_step = now, 0, 0, step
+        metrics_for_ckpt = None
+        if step % c.eval_every == 0 or step == num_steps:
+          ev = evaluate_loss(eval_fn, trainable, frozen, data.eval_batches(c.eval_batches), mesh)
+          if c.eval.generate_samples:
+            ev.update(data.generation_metrics(nnx.merge(eval_graphdef, trainable, frozen),
+                                              c.eval.generate_samples))
+          writer.write(step, ev, prefix="eval")
+          last.update({f"eval_{k}": v for k, v in ev.items()})
+          metrics_for_ckpt = {"eval_loss": ev["loss"]}
+          if is_main:
+            print(f"\nstep {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
+        if step % c.save_every == 0 or step == num_steps or stop["stop"]:
+          ckpt.save(step, trainable=trainable, opt_state=opt_state,
+                    data_state=gather_data_state(data.get_train_state(train_it)),
+                    config_json=c.to_json_best_effort(),
+                    frozen_ref=frozen_ref, metrics=metrics_for_ckpt, force=True)
+        if step == fault_kill:
+          os.kill(os.getpid(), signal.SIGKILL)  # mid-run, possibly while an async save is in flight
+        if stop["stop"]:
+          print(f"\npreempted: saved step {step} to {ckpt.directory}; re-run the same command to resume",
+                flush=True)
+          break
   finally:
     if progress is not None:
       progress.close()

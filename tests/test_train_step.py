@@ -160,7 +160,8 @@ def _run_steps(mesh_shape, rules, n_steps=2, mode="projection", lora=None, accum
       step = trainlib.jit_train_step(
           trainlib.make_train_step(graphdef, tx, accum_steps=accum), trainable_sh=t_sh, opt_sh=o_sh,
           frozen_sh=f_sh, batch_sh={k: v.sharding for k, v in batch.items()}, replicated=rep)
-    trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(s))
+    with sharding.activation_sharding(mesh, rules):  # traced as the trainer traces it
+      trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(s))
     losses.append(float(m["loss"]))
   return losses, trainable, opt_state, frozen, frozen_before
 
@@ -180,6 +181,31 @@ def test_sharded_step_equals_one_device(single_device_run, shape, rules):
   for (p, a), (_, b) in zip(nnx.to_flat_state(t), nnx.to_flat_state(t1)):
     np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()), rtol=1e-5, atol=1e-6,
                                err_msg=str(p))
+
+
+def test_hidden_states_keep_the_batch_split_under_fsdp():
+  """Inside activation_sharding the LLM's and the encoder's hidden states are constrained to the batch
+  axes (without it XLA may gather the whole batch onto every chip); outside, nothing is added."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  cfg = _configs()
+  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  mesh = sharding.make_mesh((2, 4, 1))
+  batch = jax.tree.map(jnp.asarray, _features_batch(cfg, 0, rows=8))
+  audio = jnp.zeros((8, SAMPLES), jnp.float32)
+
+  def fwd():  # a fresh function each time: jit's trace cache does not key on the context
+    return lambda b, a: (model(b), model.encoder(a))
+
+  plain = jax.jit(fwd()).lower(batch, audio).as_text()
+  assert "sharding_constraint" not in plain
+  with sharding.activation_sharding(mesh, "fsdp"):
+    text = jax.jit(fwd()).lower(batch, audio).as_text()
+  n_constraints = text.count("sharding_constraint")
+  # one per LLM layer + its input, one per encoder layer + its input, one per conv layer
+  want = (cfg.llm.num_hidden_layers + 1) + (cfg.encoder.num_hidden_layers + 1) + len(cfg.encoder.conv_dim)
+  assert n_constraints == want, (n_constraints, want)
+  assert text.count('[{"data", "fsdp"}, {}, {}]') == want
 
 
 def test_frozen_unchanged_and_no_optimizer_state_for_it(single_device_run):

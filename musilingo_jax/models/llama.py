@@ -31,6 +31,7 @@ from flax import nnx
 from musilingo_jax import convert
 from musilingo_jax.convert import ConversionError, KeyRule
 from musilingo_jax.models import layers
+from musilingo_jax.sharding import constrain
 
 log = logging.getLogger(__name__)
 
@@ -411,8 +412,10 @@ class Llama(nnx.Module):
              cfg.attention_impl, cfg.dtype.name, t, n_slots)
     cos, sin = rotary_cos_sin(cfg, positions)
     new_cache = None if cache is None else []
+    x = constrain(x)
     for i, layer in enumerate(self.model.layers):
       x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+      x = constrain(x)
       if cache is not None:
         new_cache.append(layer_cache)
     return self.model.norm(x), new_cache

@@ -31,6 +31,7 @@ from flax import nnx
 
 from musilingo_jax.convert import CONV1D, IDENTITY, LINEAR, ConversionError, KeyRule
 from musilingo_jax.models.layers import LayerNorm, Linear, param
+from musilingo_jax.sharding import constrain
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class FeatureEncoder(nnx.Module):
   def __call__(self, input_values: jax.Array) -> jax.Array:  # [B, S] -> [B, T, C]
     x = input_values[:, :, None]
     for layer in self.conv_layers:
-      x = layer(x)
+      x = constrain(layer(x))
     return x
 
 
@@ -388,12 +389,12 @@ class Encoder(nnx.Module):
     if frame_mask is not None:
       x = jnp.where(frame_mask[:, :, None], x, jnp.zeros((), x.dtype))  # padded frames -> 0 before pos conv
       frame_lengths = frame_mask.sum(-1).astype(jnp.int32)
-    x = x + self.pos_conv_embed(x)
+    x = constrain(x + self.pos_conv_embed(x))
     if not self.pre_ln:
       x = self.layer_norm(x)
     states = [x]
     for layer in self.layers:
-      x = layer(x, frame_lengths)
+      x = constrain(layer(x, frame_lengths))
       states.append(x)
     if self.pre_ln:
       states[-1] = self.layer_norm(x)
