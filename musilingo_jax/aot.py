@@ -84,15 +84,6 @@ def chip_of(devices) -> Chip | None:
   return CHIPS.get(devices[0].device_kind)
 
 
-def optimizer_from_config(c):
-  """The optimizer of `c` (the same calls as trainer.run)."""
-  sched_cfg = trainlib.ScheduleConfig(c.train.init_lr, c.train.min_lr, c.train.warmup_lr,
-                                      c.train.warmup_steps, c.train.iters_per_epoch, c.train.epochs)
-  schedule = trainlib.optimizer_schedule(sched_cfg, c.train.accum_steps)
-  return trainlib.make_optimizer(schedule=schedule, weight_decay=c.train.weight_decay, b1=c.train.b1,
-                                 b2=c.train.b2, eps=c.train.eps, clip_norm=c.train.clip_norm or None)
-
-
 def abstract_model(c):
   """The MusiLingo of config `c` (presets, as build.build_model makes it) with ShapeDtypeStruct leaves."""
   frozen_dtype = jnp.dtype(c.model.frozen_dtype)
@@ -238,7 +229,7 @@ def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotR
   model = abstract_model(c)
   model.train()
   graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
-  tx = optimizer_from_config(c)
+  tx, _ = trainlib.optimizer_from_config(c)
   rep = sharding.replicated(mesh)
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -38,64 +37,17 @@ class TokenizerError(ValueError):
 _SPECIALS = ("bos", "eos", "pad", "unk")
 
 
-# --- GGUF metadata (the key/value section only) ---
-
-# GGUF value types -> struct format of one scalar (8 = string and 9 = array are handled apart).
-_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                12: "<d"}
-_GGUF_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
-               11: "<i8", 12: "<f8"}
-
+# --- GGUF metadata ---
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """The key/value metadata of a GGUF file (v2/v3), without touching the tensors.
-
-  `gguf.GGUFReader` maps every array element to its own numpy view (about 5 s for a 49k-token vocabulary);
-  this reads only the metadata section, in well under a second. Arrays of numbers come back as numpy
-  arrays, arrays of strings as lists of str."""
-  path = str(path)
-  with open(path, "rb") as f:
-    def read(fmt):
-      size = struct.calcsize(fmt)
-      b = f.read(size)
-      if len(b) != size:
-        raise TokenizerError(f"{path}: truncated GGUF metadata")
-      return struct.unpack(fmt, b)[0]
-
-    def read_str():
-      n = read("<Q")
-      b = f.read(n)
-      if len(b) != n:
-        raise TokenizerError(f"{path}: truncated GGUF metadata")
-      return b.decode("utf-8", errors="replace")
-
-    def read_value(vtype):
-      if vtype == 8:
-        return read_str()
-      if vtype == 9:
-        itype, count = read("<I"), read("<Q")
-        if itype == 8:
-          return [read_str() for _ in range(count)]
-        if itype in _GGUF_NUMPY:
-          dt = np.dtype(_GGUF_NUMPY[itype])
-          return np.frombuffer(f.read(dt.itemsize * count), dtype=dt).copy()
-        return [read_value(itype) for _ in range(count)]
-      if vtype not in _GGUF_SCALAR:
-        raise TokenizerError(f"{path}: unknown GGUF value type {vtype}")
-      return read(_GGUF_SCALAR[vtype])
-
-    if f.read(4) != b"GGUF":
-      raise TokenizerError(f"{path}: not a GGUF file (expected the magic bytes 'GGUF')")
-    version = read("<I")
-    if version not in (2, 3):
-      raise TokenizerError(f"{path}: GGUF version {version} unsupported (expected 2 or 3)")
-    read("<Q")  # tensor count
-    n_kv = read("<Q")
-    meta = {}
-    for _ in range(n_kv):
-      key = read_str()
-      meta[key] = read_value(read("<I"))
-  return meta
+  """The key/value metadata of a GGUF file (v2/v3), without touching the tensor data (convert's header
+  reader: `gguf.GGUFReader` maps every array element to its own numpy view, about 5 s for a 49k-token
+  vocabulary). Arrays of numbers come back as numpy arrays, arrays of strings as lists of str."""
+  from musilingo_jax import convert  # convert imports this module lazily too
+  try:
+    return convert.read_gguf_layout(str(path))[0]
+  except convert.ConversionError as e:
+    raise TokenizerError(str(e)) from None
 
 
 def _need(meta: dict, key: str, path) -> Any:

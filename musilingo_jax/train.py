@@ -97,6 +97,16 @@ def make_optimizer(*, schedule: Callable, weight_decay: float = 0.05, b1: float 
 
 # --- the step -----------------------------------------------------------------------------------
 
+def optimizer_from_config(c) -> tuple[optax.GradientTransformation, Callable]:
+  """(optimizer, per-optimizer-step lr schedule) from config.train (the trainer's and the AOT compiler's)."""
+  sched_cfg = ScheduleConfig(c.train.init_lr, c.train.min_lr, c.train.warmup_lr, c.train.warmup_steps,
+                             c.train.iters_per_epoch, c.train.epochs)
+  schedule = optimizer_schedule(sched_cfg, c.train.accum_steps)
+  tx = make_optimizer(schedule=schedule, weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
+                      eps=c.train.eps, clip_norm=c.train.clip_norm or None)
+  return tx, schedule
+
+
 def _micro_batches(batch: dict, accum_steps: int) -> dict:
   """[A*B, ...] -> [A, B, ...], micro-batch a = rows b*A + a (keeps the batch dimension sharded)."""
   def one(x):

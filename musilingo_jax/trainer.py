@@ -162,11 +162,7 @@ def run(c, workdir: str) -> dict[str, Any]:
 
   accum = c.train.accum_steps
   num_steps = cfglib.num_train_steps(c)
-  sched_cfg = trainlib.ScheduleConfig(c.train.init_lr, c.train.min_lr, c.train.warmup_lr,
-                                      c.train.warmup_steps, c.train.iters_per_epoch, c.train.epochs)
-  schedule = trainlib.optimizer_schedule(sched_cfg, accum)
-  tx = trainlib.make_optimizer(schedule=schedule, weight_decay=c.train.weight_decay, b1=c.train.b1,
-                               b2=c.train.b2, eps=c.train.eps, clip_norm=c.train.clip_norm or None)
+  tx, schedule = trainlib.optimizer_from_config(c)
   rep = sharding.replicated(mesh)
   trainable_sh = sharding.state_shardings(trainable, mesh, rules)
   frozen_sh = sharding.state_shardings(frozen, mesh, rules)

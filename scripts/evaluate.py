@@ -21,16 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musilingo_jax import evaluate as ev, prompts  # noqa: E402
+from musilingo_jax import cli, evaluate as ev, prompts  # noqa: E402
 from musilingo_jax.data import readers  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="a training run's directory (config + latest checkpoint)")
-  src.add_argument("--checkpoint", help="a converted checkpoint directory (scripts/convert_hf.py)")
-  p.add_argument("--projection", help="with --checkpoint: projection weights (ours, or a released MusiLingo .pth)")
+  cli.add_model_source(p)
   data = p.add_mutually_exclusive_group(required=True)
   data.add_argument("--records", help="a directory of precomputed ArrayRecord shards")
   data.add_argument("--dataset", choices=readers.DATASETS, help="read a release directly (with --data-dir)")
@@ -42,14 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--zero-audio", action="store_true", help="replace every clip's features by zeros (baseline)")
   p.add_argument("--bertscore-model", default=None, help="a local BERTScore encoder directory (roberta-large)")
   p.add_argument("--no-bertscore", action="store_true")
-  p.add_argument("--greedy", action="store_true")
-  p.add_argument("--max-new-tokens", type=int, default=300)
-  p.add_argument("--temperature", type=float, default=0.1)
-  p.add_argument("--top-p", type=float, default=0.5)
-  p.add_argument("--seed", type=int, default=0)
+  cli.add_sampling(p)
   args = p.parse_args(argv)
-  if args.projection and not args.checkpoint:
-    p.error("--projection goes with --checkpoint")
+  cli.check_model_source(p, args)
   if args.dataset and not args.data_dir:
     p.error("--dataset needs --data-dir")
   return args

@@ -15,13 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from musilingo_jax import cli  # noqa: E402
+
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  src = ap.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="a training run directory")
-  src.add_argument("--checkpoint", help="a scripts/convert_hf.py directory")
-  ap.add_argument("--projection", help="with --checkpoint: a MusiLingo .pth or .npz projection")
+  cli.add_model_source(ap)
   ap.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
   ap.add_argument("--out", required=True)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -29,8 +28,7 @@ def main(argv=None) -> int:
   ap.add_argument("--no-llm", action="store_true", help="skip OUT/llm")
   ap.add_argument("--no-encoder", action="store_true", help="skip OUT/encoder")
   args = ap.parse_args(argv)
-  if args.projection and not args.checkpoint:
-    ap.error("--projection goes with --checkpoint")
+  cli.check_model_source(ap, args)
 
   import numpy as np
   from musilingo_jax import build, convert

@@ -19,30 +19,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musilingo_jax import generate as gen, prompts  # noqa: E402
+from musilingo_jax import cli, generate as gen, prompts  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--workdir", help="a training run's directory (config + latest checkpoint)")
-  src.add_argument("--checkpoint", help="a converted checkpoint directory (scripts/convert_hf.py)")
-  p.add_argument("--projection", help="with --checkpoint: projection weights (ours, or a released MusiLingo .pth)")
+  cli.add_model_source(p)
   audio = p.add_mutually_exclusive_group(required=True)
   audio.add_argument("--audio", help="an audio file (wav/flac/mp3/ogg), resampled to 24 kHz mono")
   audio.add_argument("--features", help="a .npy of precomputed pooled encoder features [T', D_enc]")
   p.add_argument("--max-seconds", type=float, default=30.0, help="use the first N seconds of --audio (0 = all)")
   p.add_argument("--question", help="the question (omit with --chat, or for a stage-1 captioning model)")
   p.add_argument("--chat", action="store_true", help="interactive multi-turn questions about the clip")
-  p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-  p.add_argument("--max-new-tokens", type=int, default=300)
-  p.add_argument("--temperature", type=float, default=0.1)
-  p.add_argument("--top-p", type=float, default=0.5)
-  p.add_argument("--seed", type=int, default=0)
+  cli.add_sampling(p)
   p.add_argument("--json", action="store_true", help="print one JSON object (answer text and token ids)")
   args = p.parse_args(argv)
-  if args.projection and not args.checkpoint:
-    p.error("--projection goes with --checkpoint")
+  cli.check_model_source(p, args)
   return args
 
 

@@ -28,6 +28,9 @@ def _default_workdir() -> str:
 
 def main(argv):
   del argv
+  from absl import logging as absl_logging
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save step at INFO; -v 0 brings it back
+    absl_logging.set_verbosity(absl_logging.WARNING)
   from musilingo_jax import launch
   launch.maybe_initialize_distributed(_MULTIHOST.value)
   from musilingo_jax import config as cfglib, demo_report, trainer

@@ -182,23 +182,29 @@ def _npy_source(base: Path, entry, file, where) -> AudioSource:
   return AudioSource(str(base / "MusicCaps_audio" / f"{ytid}.npy"), int(rate))
 
 
+def _audioset_entries(data_dir, split: str, dataset: str, sub: str, name: str, key: str):
+  """(index, entry, audio source, file, where) of the entries of DIR/.../sub/name's list `key` that belong
+  to `split` (train|test by `is_audioset_eval`), audio as .npy under the release's base directory."""
+  want_eval = _train_or_test(split, dataset)
+  data_dir = Path(data_dir)
+  root = _sub(data_dir, sub, name)
+  base = _npy_base(data_dir, root)
+  file = root / name
+  entries = _field(_load_json(file), key, list, file, "top level")
+  for i, entry in enumerate(entries):
+    where = f"{key}[{i}]"
+    if _is_eval(entry, file, where) != want_eval:
+      continue
+    yield i, entry, _npy_source(base, entry, file, where), file, where
+
+
 def read_musicinstruct(data_dir, split: str, *, which: str = "all") -> Iterator[Sample]:
   """MusicInstruct (all|short|long); split train|test by `is_audioset_eval`."""
   if which not in MUSICINSTRUCT_FILES:
     raise ValueError(f"musicinstruct file must be one of {sorted(MUSICINSTRUCT_FILES)}, got {which!r}")
-  want_eval = _train_or_test(split, "musicinstruct")
-  data_dir = Path(data_dir)
   name = MUSICINSTRUCT_FILES[which]
-  root = _sub(data_dir, "MusicInstruct", name)
-  base = _npy_base(data_dir, root)
-  file = root / name
-  data = _load_json(file)
-  qa = _field(data, "QA", list, file, "top level")
-  for i, entry in enumerate(qa):
-    where = f"QA[{i}]"
-    if _is_eval(entry, file, where) != want_eval:
-      continue
-    source = _npy_source(base, entry, file, where)
+  for i, entry, source, file, where in _audioset_entries(data_dir, split, "musicinstruct", "MusicInstruct",
+                                                         name, "QA"):
     extra = {k: v for k, v in entry.items() if k not in ("question", "answer") and isinstance(v, (str, int, float, bool))}
     yield Sample(f"{entry['ytid']}#{i}", source, _text(entry, "question", file, where),
                  _text(entry, "answer", file, where), extra)
@@ -206,18 +212,8 @@ def read_musicinstruct(data_dir, split: str, *, which: str = "all") -> Iterator[
 
 def read_musiccaps(data_dir, split: str) -> Iterator[Sample]:
   """MusicCaps captions with the fixed question; split train|test by `is_audioset_eval`."""
-  want_eval = _train_or_test(split, "musiccaps")
-  data_dir = Path(data_dir)
-  root = _sub(data_dir, "MusicCaps_ann", "all.json")
-  base = _npy_base(data_dir, root)
-  file = root / "all.json"
-  data = _load_json(file)
-  ann = _field(data, "ann", list, file, "top level")
-  for i, entry in enumerate(ann):
-    where = f"ann[{i}]"
-    if _is_eval(entry, file, where) != want_eval:
-      continue
-    source = _npy_source(base, entry, file, where)
+  for i, entry, source, file, where in _audioset_entries(data_dir, split, "musiccaps", "MusicCaps_ann",
+                                                         "all.json", "ann"):
     yield Sample(entry["ytid"], source, MUSICCAPS_QUESTION, _text(entry, "caption", file, where),
                  {"ytid": entry["ytid"], "entry": i})
 
