@@ -172,9 +172,20 @@ def test_export_from_a_run_loads_in_transformers(uninterrupted, tmp_path):
                          "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   sd = torch.load(out / "musilingo_checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+  import jax.numpy as jnp
+  from musilingo_jax import build
+  model, _, _ = build.load_for_inference(workdir=str(workdir))
   params = _params(workdir, 4)
-  np.testing.assert_array_equal(sd["llama_proj.weight"].numpy(), params["kernel"].T)
-  np.testing.assert_array_equal(sd["llama_proj.bias"].numpy(), params["bias"])
+  np.testing.assert_array_equal(np.asarray(model.llama_proj.kernel[...]), params["kernel"])
+  np.testing.assert_array_equal(np.asarray(model.llama_proj.bias[...]), params["bias"])
+  # The smoke preset standardises the projection's input; the export folds that in, so the .pth applied to
+  # raw features (as the reference applies it) gives our model's audio embeddings.
+  assert model.feature_norm is not None
+  feats = np.random.default_rng(2).standard_normal((1, 3, params["kernel"].shape[0])).astype(np.float32)
+  exported = feats @ sd["llama_proj.weight"].numpy().T + sd["llama_proj.bias"].numpy()
+  np.testing.assert_allclose(exported, np.asarray(model.audio_embeddings({"features": jnp.asarray(feats)})),
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(sd["llama_proj.weight"].numpy(), params["kernel"].T)
   ref = transformers.LlamaForCausalLM.from_pretrained(out / "llm", torch_dtype=torch.float32).eval()
   hub = transformers.HubertModel.from_pretrained(out / "encoder").eval()
   ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, (2, 12))
@@ -182,9 +193,6 @@ def test_export_from_a_run_loads_in_transformers(uninterrupted, tmp_path):
   with torch.no_grad():
     ref_logits = ref(torch.tensor(ids)).logits.numpy()
     ref_hidden = hub(torch.tensor(audio)).last_hidden_state.numpy()
-  import jax.numpy as jnp
-  from musilingo_jax import build
-  model, _, _ = build.load_for_inference(workdir=str(workdir))
   ours, _ = model.llm(jnp.asarray(ids))
   np.testing.assert_allclose(np.asarray(ours), ref_logits, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(np.asarray(model.encoder(jnp.asarray(audio))[-1]), ref_hidden, atol=1e-4, rtol=1e-4)
