@@ -685,7 +685,10 @@ def write_markdown(results: dict, path: Path) -> None:
         "count (1 or all cores, chosen in the first timed round: on a shared CPU OpenMP barriers can make all-core "
         "torch slower than 1 thread); tokens = rows x L "
         "(both sides process the same [B, L], the reference's own padding). LoRA: rank 8, alpha 16, q/v, dropout "
-        "0 on both sides. Torch runs the encoder under no_grad (its weights do not require grad in the reference)."]
+        "0 on both sides. Torch runs the encoder under no_grad (its weights do not require grad in the reference). "
+        "Ours runs the LM head only at each row's first max_answer label positions (config.train.head_at_labels, "
+        "the trainer's default; the same loss, see the loss column), the reference at every position: at the "
+        "7B slice max_answer (160) >= L, so both compute every position there."]
   enc = []
   for shape in ("demo", "7b_slice"):
     f, a = _find(results, shape), _find(results, shape, inp="audio")
