@@ -4,7 +4,7 @@
       --config.model.checkpoint=converted/ --config.data.records_dir=records/musicqa
 
 Presets: musicqa, musicinstruct (all), musicinstruct_short, musicinstruct_long, musiccaps (reference
-hyperparameters); demo (the README's main job: real SmolLM2 + the embedded music21 set, ~15 min on 2 CPU
+hyperparameters); demo (the README's main job: real SmolLM2 + the embedded music21 set, 13-18 min on 2 CPU
 cores); smoke (the same path in seconds, for tests).
 """
 
