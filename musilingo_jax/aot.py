@@ -269,7 +269,7 @@ def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotR
   jitted = trainlib.jit_train_step(step_fn, trainable_sh=trainable_sh, opt_sh=opt_sh, frozen_sh=frozen_sh,
                                    batch_sh=batch_sh, replicated=rep)
   t0 = time.perf_counter()
-  with sharding.activation_sharding(mesh, c.mesh.rules):
+  with sharding.activation_sharding(mesh, rules, c.mesh.get("constrain_activations", True)):
     lowered = jitted.lower(trainable_s, opt_s, frozen_s, batch_s, step_s)
   try:
     compiled = lowered.compile()

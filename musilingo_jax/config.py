@@ -92,6 +92,9 @@ def base_config() -> ConfigDict:
   c.mesh = ConfigDict()
   c.mesh.shape = (-1, 1, 1)       # (data, fsdp, tensor); one -1 fills the remaining devices
   c.mesh.rules = "dp"             # dp | fsdp | fsdp_tp (sharding.PRESETS)
+  # Pin hidden states to the batch split (sharding.constrain). Off, XLA under fsdp may instead keep every
+  # chip's weights split and the whole micro-batch's activations on each chip (docs/aot_table.md).
+  c.mesh.constrain_activations = True
 
   c.log_every = 10
   c.eval_every = 1000

@@ -134,9 +134,9 @@ _ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("musilingo_activat
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules | str):
-  """Trace model code inside this to constrain its activations (see `constrain`)."""
-  token = _ACTIVATIONS.set((mesh, rules))
+def activation_sharding(mesh: Mesh, rules: Rules | str, enabled: bool = True):
+  """Trace model code inside this to constrain its activations (see `constrain`); `enabled=False`: no-op."""
+  token = _ACTIVATIONS.set((mesh, rules) if enabled else None)
   try:
     yield
   finally:

@@ -203,7 +203,7 @@ def run(c, workdir: str) -> dict[str, Any]:
   step = start
   try:
     # The step and eval traces happen inside: hidden states keep the batch split (sharding.constrain).
-    with sharding.activation_sharding(mesh, rules):
+    with sharding.activation_sharding(mesh, rules, c.mesh.get("constrain_activations", True)):
       while step < num_steps:
         local = next(train_it)
         if step == fault_nan:

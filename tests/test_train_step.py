@@ -206,6 +206,8 @@ def test_hidden_states_keep_the_batch_split_under_fsdp():
   want = (cfg.llm.num_hidden_layers + 1) + (cfg.encoder.num_hidden_layers + 1) + len(cfg.encoder.conv_dim)
   assert n_constraints == want, (n_constraints, want)
   assert text.count('[{"data", "fsdp"}, {}, {}]') == want
+  with sharding.activation_sharding(mesh, "fsdp", enabled=False):  # config.mesh.constrain_activations=False
+    assert "sharding_constraint" not in jax.jit(fwd()).lower(batch, audio).as_text()
 
 
 def test_frozen_unchanged_and_no_optimizer_state_for_it(single_device_run):
