@@ -224,7 +224,9 @@ def run(c, workdir: str) -> dict[str, Any]:
         if not bool(m["finite"]):
           raise NonFiniteLoss(
               f"non-finite loss ({loss}) at step {step}: stopping. Nothing from this step was saved; the "
-              f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+              f"last good checkpoint is step {ckpt.latest_step()} in {ckpt.directory}"
+                + (" (with config.train.head_at_labels, a row with more label tokens than prompt.max_txt_len "
+                   "also gives NaN)" if cfglib.loss_positions(c) else ""))
         trainable, opt_state = new_trainable, new_opt
         step += 1
         tokens_since += int(np.prod(gbatch["input_ids"].shape))
@@ -246,8 +248,10 @@ def run(c, workdir: str) -> dict[str, Any]:
         if step % c.eval_every == 0 or step == num_steps:
           ev = evaluate_loss(eval_fn, trainable, frozen, data.eval_batches(c.eval_batches), mesh)
           if c.eval.generate_samples:
-            ev.update(data.generation_metrics(nnx.merge(eval_graphdef, trainable, frozen),
-                                              c.eval.generate_samples))
+            # Generation's jitted functions outlive this run: trace them without the run's constraints.
+            with sharding.activation_sharding(mesh, rules, enabled=False):
+              ev.update(data.generation_metrics(nnx.merge(eval_graphdef, trainable, frozen),
+                                                c.eval.generate_samples))
           writer.write(step, ev, prefix="eval")
           last.update({f"eval_{k}": v for k, v in ev.items()})
           metrics_for_ckpt = {"eval_loss": ev["loss"]}
