@@ -86,14 +86,8 @@ def chip_of(devices) -> Chip | None:
 
 def abstract_model(c):
   """The MusiLingo of config `c` (presets, as build.build_model makes it) with ShapeDtypeStruct leaves."""
-  frozen_dtype = jnp.dtype(c.model.frozen_dtype)
-  compute_dtype = jnp.dtype(c.model.compute_dtype)
   lora = build.lora_config(c)
-  enc_cfg = build.encoder_config(c.model.encoder_preset, dtype=compute_dtype, param_dtype=frozen_dtype,
-                                 spec_augment=c.model.spec_augment)
-  llm_cfg = build.llm_config(c.model.llm_preset, dtype=compute_dtype, param_dtype=frozen_dtype)
-  attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
-  llm_cfg = dataclasses.replace(llm_cfg, attention_impl=attn)
+  enc_cfg, llm_cfg = build.preset_encoder_config(c), build.preset_llm_config(c)
   seed = c.seed
   enc = nnx.eval_shape(lambda: MERT(enc_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
   llm = nnx.eval_shape(lambda: Llama(llm_cfg, rngs=nnx.Rngs(params=seed + 7, dropout=seed + 8), lora=lora))

@@ -52,6 +52,20 @@ def llm_config(preset: str, **overrides) -> LlamaConfig:
   raise ValueError(f"config.model.llm_preset: unknown {preset!r}")
 
 
+def preset_encoder_config(c) -> MERTConfig:
+  """config.model.encoder_preset with the config's dtypes and SpecAugment (random init: demo, tests, AOT)."""
+  return encoder_config(c.model.encoder_preset, dtype=jnp.dtype(c.model.compute_dtype),
+                        param_dtype=jnp.dtype(c.model.frozen_dtype), spec_augment=c.model.spec_augment)
+
+
+def preset_llm_config(c, **overrides) -> LlamaConfig:
+  """config.model.llm_preset with the config's dtypes and attention implementation ("auto" = None)."""
+  cfg = llm_config(c.model.llm_preset, dtype=jnp.dtype(c.model.compute_dtype),
+                   param_dtype=jnp.dtype(c.model.frozen_dtype), **overrides)
+  attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
+  return dataclasses.replace(cfg, attention_impl=attn)
+
+
 def lora_config(c) -> layers.LoRAConfig | None:
   if c.train.trainable != "projection+lora":
     return None
@@ -99,10 +113,7 @@ def build_model(c, *, mesh=None, rules=None):
   """-> (MusiLingo, Tokenizer | None, frozen_ref dict)."""
   from musilingo_jax.tokenizer import Tokenizer
   frozen_dtype = jnp.dtype(c.model.frozen_dtype)
-  compute_dtype = jnp.dtype(c.model.compute_dtype)
-  attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
   lora = lora_config(c)
-  enc_overrides = dict(dtype=compute_dtype, param_dtype=frozen_dtype, spec_augment=c.model.spec_augment)
   if c.model.checkpoint:
     enc, llm, tok, meta = convert.load_converted(c.model.checkpoint, dtype=frozen_dtype, mesh=mesh,
                                                  sharding_rules=rules, lora=lora)
@@ -111,8 +122,7 @@ def build_model(c, *, mesh=None, rules=None):
                        f"{'encoder' if enc is None else 'LLM'}: convert both with scripts/convert_hf.py")
     frozen_ref = {"checkpoint": os.path.abspath(c.model.checkpoint)}
   else:
-    enc_cfg = encoder_config(c.model.encoder_preset, **enc_overrides)
-    enc = _random(MERT, enc_cfg, c.seed, mesh, rules)
+    enc = _random(MERT, preset_encoder_config(c), c.seed, mesh, rules)
     tok = None
     frozen_ref = {"encoder": f"random {c.model.encoder_preset} (seed {c.seed})"}
     if c.model.llm_gguf and not c.model.get("smoke_llm", False):
@@ -122,14 +132,11 @@ def build_model(c, *, mesh=None, rules=None):
       tok = Tokenizer.from_gguf(path)
       frozen_ref["llm"] = os.path.abspath(path)
     else:
-      overrides = dict(dtype=compute_dtype, param_dtype=frozen_dtype)
+      overrides = {}
       if c.model.llm_gguf:  # smoke: a tiny random LLM that speaks the GGUF's tokenizer
         tok = Tokenizer.from_gguf(gguf_path(c))
         overrides.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-      llm_cfg = llm_config(c.model.llm_preset, **overrides)
-      if attn is not None or c.model.attention_impl == "auto":
-        llm_cfg = dataclasses.replace(llm_cfg, attention_impl=attn)
-      llm = _random(Llama, llm_cfg, c.seed + 7, mesh, rules, lora=lora)
+      llm = _random(Llama, preset_llm_config(c, **overrides), c.seed + 7, mesh, rules, lora=lora)
       frozen_ref["llm"] = f"random {c.model.llm_preset} (seed {c.seed + 7})"
   model = compose(enc, llm, pool_frames=c.model.pool_frames, lora=lora, seed=c.seed)
   return model, tok, frozen_ref

@@ -56,14 +56,16 @@ class MetricsWriter:
       self.jsonl.close()
 
 
-def calibrate_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 n x n matmul on device 0, measured here (the MFU denominator on CPU)."""
-  x = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
+def calibrate_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+  """FLOP/s of an n x n `dtype` matmul on device 0, measured here (the MFU denominator on CPU; the GPU
+  check's sanity figure in bf16). Dispatches all repeats, then waits: throughput, not per-call latency."""
+  x = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: (a @ a).astype(dtype))
   f(x).block_until_ready()
   t = time.perf_counter()
   for _ in range(repeats):
-    f(x).block_until_ready()
+    y = f(x)
+  y.block_until_ready()
   return 2 * n ** 3 * repeats / (time.perf_counter() - t)
 
 

@@ -46,19 +46,6 @@ def peak_for(kind: str) -> float | None:
   return None
 
 
-def calibrate_matmul(dtype, n: int, repeats: int = 10) -> float:
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: (a @ a).astype(dtype))
-  f(x).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(repeats):
-    y = f(x)
-  y.block_until_ready()
-  return 2 * n ** 3 * repeats / (time.perf_counter() - t)
-
-
 def build(args, dtype):
   """(plain MusiLingo, state) with attention `xla`; the graph is rebuilt per attention implementation."""
   from musilingo_jax import build as buildlib
@@ -223,6 +210,7 @@ def main(argv=None) -> int:
     return 2
   kind = dev.device_kind
   peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_for(kind) if dev.platform == "gpu" else None)
+  from musilingo_jax import trainer
   dtype = jnp.bfloat16
   log(f"device: {kind} ({dev.platform}, {jax.device_count()} device(s)); jax {jax.__version__}; "
       f"bf16 dense peak {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
@@ -232,7 +220,8 @@ def main(argv=None) -> int:
   t_all = time.perf_counter()
   try:
     n = 1024 if args.cpu_smoke else 8192
-    result["calibrated_bf16_matmul_flops"] = calibrate_matmul(dtype, n, repeats=3 if args.cpu_smoke else 20)
+    result["calibrated_bf16_matmul_flops"] = trainer.calibrate_matmul_flops(n, repeats=3 if args.cpu_smoke else 20,
+                                                                            dtype=dtype)
     log(f"bf16 {n}^3 matmul here: {result['calibrated_bf16_matmul_flops'] / 1e12:.3g} TFLOP/s")
     t0 = time.perf_counter()
     model = build(args, dtype)
