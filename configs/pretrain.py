@@ -11,7 +11,6 @@ def get_config(arg: str = ""):
   cfglib.apply_schedule(c, "pretrain")
   c.stage = 1
   c.data.dataset, c.data.train_split, c.data.eval_split = "lp-musiccaps-msd", "train", "valid"
-  c.data.n_audio_tokens = 8   # 732,000 native samples (30.5 s at 24 kHz) -> 2287 frames -> 8 tokens
   c.data.max_len = 64
   c.prompt.template, c.prompt.end_sym, c.prompt.max_txt_len = False, "\n", 32
   return c

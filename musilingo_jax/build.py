@@ -52,18 +52,30 @@ def llm_config(preset: str, **overrides) -> LlamaConfig:
   raise ValueError(f"config.model.llm_preset: unknown {preset!r}")
 
 
-def preset_encoder_config(c) -> MERTConfig:
-  """config.model.encoder_preset with the config's dtypes and SpecAugment (random init: demo, tests, AOT)."""
-  return encoder_config(c.model.encoder_preset, dtype=jnp.dtype(c.model.compute_dtype),
-                        param_dtype=jnp.dtype(c.model.frozen_dtype), spec_augment=c.model.spec_augment)
+def model_overrides(c) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(encoder, LLM) config fields that `config.model` sets, for every source of the frozen weights.
+
+  The one place the config's model fields become MERTConfig / LlamaConfig fields: random presets
+  (preset_encoder_config, preset_llm_config: build_model, AOT), a converted checkpoint
+  (convert.load_converted) and a GGUF (convert.import_pretrained) all apply these on top of what the
+  preset or checkpoint describes. compute_dtype -> dtype, frozen_dtype -> param_dtype, attention_impl
+  ("auto" = None: JAX picks) for both, spec_augment for the encoder. (pool_frames is MusiLingoConfig's:
+  `compose` takes it.)
+  """
+  attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
+  common = dict(dtype=jnp.dtype(c.model.compute_dtype), param_dtype=jnp.dtype(c.model.frozen_dtype),
+                attention_impl=attn)
+  return {**common, "spec_augment": bool(c.model.spec_augment)}, dict(common)
+
+
+def preset_encoder_config(c, **overrides) -> MERTConfig:
+  """config.model.encoder_preset with `model_overrides` (random init: demo, tests, AOT), then `overrides`."""
+  return encoder_config(c.model.encoder_preset, **{**model_overrides(c)[0], **overrides})
 
 
 def preset_llm_config(c, **overrides) -> LlamaConfig:
-  """config.model.llm_preset with the config's dtypes and attention implementation ("auto" = None)."""
-  cfg = llm_config(c.model.llm_preset, dtype=jnp.dtype(c.model.compute_dtype),
-                   param_dtype=jnp.dtype(c.model.frozen_dtype), **overrides)
-  attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
-  return dataclasses.replace(cfg, attention_impl=attn)
+  """config.model.llm_preset with `model_overrides` (random init: smoke runs, tests, AOT), then `overrides`."""
+  return llm_config(c.model.llm_preset, **{**model_overrides(c)[1], **overrides})
 
 
 def lora_config(c) -> layers.LoRAConfig | None:
@@ -110,13 +122,15 @@ def _random(model_cls, config, seed, mesh, rules, **kwargs):
 
 
 def build_model(c, *, mesh=None, rules=None):
-  """-> (MusiLingo, Tokenizer | None, frozen_ref dict)."""
+  """-> (MusiLingo, Tokenizer | None, frozen_ref dict). Whatever the source of the frozen weights, the
+  encoder and LLM configs get `model_overrides(c)` and the MusiLingo gets config.model.pool_frames."""
   from musilingo_jax.tokenizer import Tokenizer
-  frozen_dtype = jnp.dtype(c.model.frozen_dtype)
+  enc_overrides, llm_overrides = model_overrides(c)
   lora = lora_config(c)
   if c.model.checkpoint:
-    enc, llm, tok, meta = convert.load_converted(c.model.checkpoint, dtype=frozen_dtype, mesh=mesh,
-                                                 sharding_rules=rules, lora=lora)
+    enc, llm, tok, meta = convert.load_converted(
+        c.model.checkpoint, mesh=mesh, sharding_rules=rules, lora=lora,
+        config_overrides={"encoder": enc_overrides, "llm": llm_overrides})
     if enc is None or llm is None:
       raise ValueError(f"config.model.checkpoint = {c.model.checkpoint!r} lacks the "
                        f"{'encoder' if enc is None else 'LLM'}: convert both with scripts/convert_hf.py")
@@ -127,8 +141,8 @@ def build_model(c, *, mesh=None, rules=None):
     frozen_ref = {"encoder": f"random {c.model.encoder_preset} (seed {c.seed})"}
     if c.model.llm_gguf and not c.model.get("smoke_llm", False):
       path = gguf_path(c)
-      llm, _ = convert.import_pretrained("llm", path, dtype=frozen_dtype, mesh=mesh, sharding_rules=rules,
-                                         lora=lora)
+      llm, _ = convert.import_pretrained("llm", path, mesh=mesh, sharding_rules=rules, lora=lora,
+                                         config_overrides=llm_overrides)
       tok = Tokenizer.from_gguf(path)
       frozen_ref["llm"] = os.path.abspath(path)
     else:
@@ -142,13 +156,33 @@ def build_model(c, *, mesh=None, rules=None):
   return model, tok, frozen_ref
 
 
+INFERENCE_DTYPES = ("bfloat16", "float32")
+
+
+def inference_mesh(devices=None):
+  """A (data=1, fsdp=all, tensor=1) mesh over this process's devices (default `jax.local_devices()`): under
+  the "fsdp" rules every large matrix is split along its embed dimension over all of them; on one device
+  it is the single-device placement."""
+  from musilingo_jax import sharding
+  return sharding.make_mesh((1, -1, 1), list(devices if devices is not None else jax.local_devices()))
+
+
 def load_for_inference(workdir: str | None = None, checkpoint: str | None = None,
-                       projection: str | None = None, step: int | None = None):
+                       projection: str | None = None, step: int | None = None, *,
+                       dtype: str | None = "bfloat16", rules="fsdp", mesh=None):
   """A trained model for generation/export -> (MusiLingo in eval mode, Tokenizer, config).
 
   workdir: a training run (its config.json rebuilds the frozen parts, the latest or given checkpoint step
   gives the trainable ones). checkpoint: a scripts/convert_hf.py directory, with `projection` a MusiLingo
   .pth (a released checkpoint or our export) or an .npz with `kernel` [in, out] and `bias`.
+
+  dtype: the frozen encoder and LLM weights and their compute dtype ("bfloat16" or "float32"); the
+  projection and LoRA adapters stay float32 as in training. None: as the run was trained (workdir) or
+  float32 (checkpoint). A run's randomly initialised frozen parts (demo, tests) are built as the run built
+  them, then cast, so they are the weights it trained with. Weights are placed straight onto `mesh`
+  (default `inference_mesh()`: all local devices) by the logical-axis `rules` (a sharding preset: "fsdp"
+  splits the frozen matrices over the devices, "dp" replicates them). The returned config carries the
+  dtypes used. `memory_report(model)` says what the placement costs per device.
   """
   import ml_collections
   from musilingo_jax import checkpoint as ckptlib
@@ -156,14 +190,36 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
   from musilingo_jax import train as trainlib
   if (workdir is None) == (checkpoint is None):
     raise ValueError("give exactly one of workdir or checkpoint")
+  if dtype is not None:
+    dtype = jnp.dtype(dtype).name
+    if dtype not in INFERENCE_DTYPES:
+      raise ValueError(f"dtype must be one of {INFERENCE_DTYPES} (or None), got {dtype!r}")
+  mesh = inference_mesh() if mesh is None else mesh
   if workdir is not None:
     path = Path(workdir) / "config.json"
     if not path.is_file():
       raise FileNotFoundError(f"{path}: missing (is {workdir} a training run directory?)")
+    run_c = ml_collections.ConfigDict(json.loads(path.read_text()))
     c = ml_collections.ConfigDict(json.loads(path.read_text()))
-    model, tok, _ = build_model(c)
+    if dtype is not None:
+      c.model.compute_dtype = c.model.frozen_dtype = dtype
+    if c.model.checkpoint:  # restored straight in the load dtype
+      model, tok, _ = build_model(c, mesh=mesh, rules=rules)
+      # The encoder config as the run's build had it (load_converted: compute dtype = param dtype), which
+      # keys the demo's records directory.
+      run_frozen = jnp.dtype(run_c.model.frozen_dtype)
+      run_encoder_cfg = dataclasses.replace(model.cfg.encoder, dtype=run_frozen, param_dtype=run_frozen)
+    else:  # random frozen parts: initialised in the run's dtypes (the same values), then cast
+      model, tok, _ = build_model(run_c, mesh=mesh, rules=rules)
+      run_encoder_cfg = model.cfg.encoder
+      if (run_c.model.compute_dtype, run_c.model.frozen_dtype) != (c.model.compute_dtype, c.model.frozen_dtype):
+        model = _frozen_in_dtype(model, c.model.frozen_dtype)
     if c.model.get("feature_norm", ""):
-      attach_feature_norm(c, model, demo_dirs(c, model)[1] if c.data.dataset == "demo" else c.data.records_dir)
+      records_dir = c.data.records_dir
+      if c.data.dataset == "demo":
+        records_dir = demo_dirs(run_c, _EncoderConfigOnly(run_encoder_cfg))[1]
+      attach_feature_norm(c, model, records_dir)
+    _place(model, mesh, rules)
     graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
     ckpt = ckptlib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1 << 30,
                                 keep_best=False)
@@ -175,18 +231,117 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
   else:
     c = cfglib.base_config()
     c.model.checkpoint = checkpoint
-    c.model.compute_dtype = c.model.frozen_dtype = "float32"
-    model, tok, _ = build_model(c)
+    c.model.compute_dtype = c.model.frozen_dtype = dtype or "float32"
+    model, tok, _ = build_model(c, mesh=mesh, rules=rules)
+    _place(model, mesh, rules)
     if projection is not None:
       kernel, bias = load_projection(projection)
       want = tuple(model.llama_proj.kernel.get_value().shape)
       if tuple(kernel.shape) != want:
         raise ValueError(f"{projection}: projection kernel {tuple(kernel.shape)} does not fit the "
                          f"converted models ({want} = encoder dim x LLM dim)")
-      model.llama_proj.kernel.set_value(jnp.asarray(kernel, jnp.float32))
-      model.llama_proj.bias.set_value(jnp.asarray(bias, jnp.float32))
+      for var, value in ((model.llama_proj.kernel, kernel), (model.llama_proj.bias, bias)):
+        var.set_value(jax.device_put(np.asarray(value, np.float32), var.get_value().sharding))
   model.eval()
   return model, tok, c
+
+
+class _EncoderConfigOnly:
+  """Stands in for a model where only `model.cfg.encoder` is read (demo_dirs)."""
+
+  def __init__(self, encoder_cfg):
+    self.cfg = MusiLingoConfig(encoder=encoder_cfg, llm=None)
+
+
+def _place(model: MusiLingo, mesh, rules) -> None:
+  """Every variable of `model` onto its sharding on `mesh` by the logical-axis rules (the frozen weights
+  are already there when built onto the mesh; this moves the projection, LoRA and feature statistics)."""
+  from musilingo_jax import sharding
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
+
+
+def _frozen_in_dtype(model: MusiLingo, dtype) -> MusiLingo:
+  """`model` with its encoder and LLM rebuilt for `dtype` (config dtype and param dtype): their parameters
+  cast on their shardings; float32-only leaves (LoRA adapters) and RNG state kept as they are."""
+  dtype = jnp.dtype(dtype)
+
+  def recast(module, cls, **kwargs):
+    cfg = dataclasses.replace(module.cfg, dtype=dtype, param_dtype=dtype)
+    graphdef, target = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0), **kwargs)))
+    source = dict(nnx.to_flat_state(nnx.state(module)))
+    values, wants = {}, {}
+    for path, var in nnx.to_flat_state(target):
+      if path not in source:
+        raise ValueError(f"cannot cast {cls.__name__} to {dtype.name}: no {'.'.join(map(str, path))} in the "
+                         f"built model")
+      values[path], wants[path] = source[path].get_value(), var.get_value().dtype
+    cast = [p for p in values if values[p].dtype != wants[p]]
+    # One jitted cast for all of them (eager casts compile one op per shape), on the same shardings.
+    new = jax.jit(lambda xs: [x.astype(wants[p]) for p, x in zip(cast, xs)],
+                  out_shardings=[values[p].sharding for p in cast])([values[p] for p in cast])
+    values.update(zip(cast, new))
+    flat = [(path, var.replace(values[path])) for path, var in nnx.to_flat_state(target)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
+
+  encoder, enc_cfg = recast(model.encoder, MERT)
+  llm, llm_cfg = recast(model.llm, Llama, lora=model.cfg.lora)
+  model.encoder, model.llm = encoder, llm
+  model.cfg = dataclasses.replace(model.cfg, encoder=enc_cfg, llm=llm_cfg)
+  return model
+
+
+def memory_report(model: MusiLingo, *, trainable: str = "projection+lora") -> dict:
+  """What `model`'s parameters (nnx.Param leaves) take, from the arrays and their shardings.
+
+  -> {"frozen_bytes", "trainable_bytes", "total_bytes": over all distinct elements;
+      "devices": how many devices hold a shard; "per_device": {device: bytes held there (its shards of
+      every array, replicas counted on each device)}; "max_device_bytes": the largest of those;
+      "frozen_dtype" / "trainable_dtype": the dtype holding most of those bytes;
+      "dtypes": {"frozen"|"trainable": {dtype: bytes}}}.
+  `trainable`: which leaves count as trainable (train.trainable_filter's modes; the default covers the
+  projection and any LoRA adapters).
+  """
+  from musilingo_jax import train as trainlib
+  train_filter = trainlib.trainable_filter(trainable)
+  parts = dict(zip(("trainable", "frozen"),
+                   nnx.state(model, nnx.All(nnx.Param, train_filter), nnx.All(nnx.Param, nnx.Not(train_filter)))))
+  totals = {"frozen": 0, "trainable": 0}
+  dtypes: dict[str, dict[str, int]] = {"frozen": {}, "trainable": {}}
+  per_device: dict[Any, int] = {}
+  for kind, state in parts.items():
+    for _, var in nnx.to_flat_state(state):
+      x = var.get_value()
+      n = int(x.size) * x.dtype.itemsize
+      totals[kind] += n
+      dtypes[kind][x.dtype.name] = dtypes[kind].get(x.dtype.name, 0) + n
+      shards = getattr(x, "addressable_shards", None)
+      if shards is None:  # a numpy array: host memory, not on a device
+        continue
+      for s in shards:
+        per_device[s.device] = per_device.get(s.device, 0) + int(s.data.size) * x.dtype.itemsize
+  main = {k: max(d, key=d.get) if d else None for k, d in dtypes.items()}
+  return {"frozen_bytes": totals["frozen"], "trainable_bytes": totals["trainable"],
+          "total_bytes": totals["frozen"] + totals["trainable"], "devices": len(per_device),
+          "per_device": per_device, "max_device_bytes": max(per_device.values(), default=0),
+          "frozen_dtype": main["frozen"], "trainable_dtype": main["trainable"], "dtypes": dtypes}
+
+
+def _size(n: int) -> str:
+  for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n} B"
+
+
+def format_memory_report(report: dict) -> str:
+  """One line, in decimal units; Vicuna-7B + MERT-330M on 8 devices: "model memory: 14.12 GB in bfloat16 over
+  8 devices, at most 1.79 GB per device (frozen 14.11 GB, trainable 16.79 MB in float32)"."""
+  n = report["devices"]
+  return (f"model memory: {_size(report['total_bytes'])} in {report['frozen_dtype']} over {n} "
+          f"device{'s' if n != 1 else ''}, at most {_size(report['max_device_bytes'])} per device "
+          f"(frozen {_size(report['frozen_bytes'])}, trainable {_size(report['trainable_bytes'])}"
+          f"{' in ' + report['trainable_dtype'] if report.get('trainable_dtype') else ''})")
 
 
 def load_projection(path: str):
@@ -237,10 +392,73 @@ def prepare_demo(c, model: MusiLingo) -> tuple[Path, Path]:
   return data_dir, rec_dir
 
 
-class Data:
-  """The run's data: a resumable train iterator, eval batches and a generation sample."""
+@dataclasses.dataclass(frozen=True)
+class AudioSlots:
+  """The static audio shapes of a run, derived from the records: `tokens` audio-token slots per row (the
+  longest clip's ceil(frames / pool_frames)) and, for raw audio, `samples` per row (the longest window)."""
+  tokens: int
+  samples: int | None
+  longest: str   # what set the bound, for messages
 
-  def __init__(self, c, tokenizer, records_dir: str):
+
+def audio_token_count(encoder_cfg, pool_frames: int, samples: int) -> int:
+  """A clip's audio tokens as the reference counts them: ceil(encoder frames / pool_frames)."""
+  return -(-int(encoder_cfg.feature_lengths(int(samples))) // int(pool_frames))
+
+
+def audio_slots(c, encoder_cfg, records_dir, splits=None) -> AudioSlots:
+  """The slot bound from the precompute reports of `splits` (default: train and eval), checked against the
+  config: `config.data.n_audio_tokens` = 0 takes the records' bound; a positive value below it is refused
+  (clips would be cut), naming the field and the longest clip. A positive value above it is kept (a larger
+  static shape; the extra slots are never attended)."""
+  from musilingo_jax import config as cfglib
+  from musilingo_jax.data import records
+  splits = splits or (c.data.train_split, c.data.eval_split)
+  reports = [(split, records.read_report(records_dir, split)) for split in splits]
+  reports = [(split, r) for split, r in reports if r is not None]
+  if not reports:
+    raise cfglib.ConfigError(
+        f"config.data.records_dir = {str(records_dir)!r}: no precompute report ({'/'.join(splits)}-report.json): "
+        "the number of audio tokens per clip is read from it; re-run scripts/precompute.py")
+  pool = int(c.model.pool_frames)
+  samples_split, samples_report = max(reports, key=lambda sr: sr[1].get("max_audio_samples", 0))
+  samples = int(samples_report.get("max_audio_samples", 0))
+  where = f"{records.report_path(records_dir, samples_split)}"
+  if c.data.use_features:
+    for split, r in reports:
+      if r.get("pool_frames") not in (None, pool):
+        raise cfglib.ConfigError(
+            f"config.model.pool_frames = {pool}, but the features in {records.report_path(records_dir, split)} "
+            f"were pooled over {r['pool_frames']} frames: precompute again or set the same pool_frames")
+      if not r.get("feature_frames"):
+        raise cfglib.ConfigError(f"config.data.use_features = True, but {records.report_path(records_dir, split)} "
+                                 "reports no features: precompute with --encoder ... --features also")
+    split, r = max(reports, key=lambda sr: sr[1]["feature_frames"])
+    need = int(r["feature_frames"])
+    longest = (f"{need} tokens (the longest clip's pooled features in "
+               f"{records.report_path(records_dir, split)}: {samples} samples = {samples / 24000:.2f} s at 24 kHz)")
+    samples = None
+  else:
+    if not samples:
+      raise cfglib.ConfigError(f"{where} reports no audio (features only): set config.data.use_features = True")
+    need = audio_token_count(encoder_cfg, pool, samples)
+    longest = (f"{need} tokens (the longest clip in {where}: {samples} samples = {samples / 24000:.2f} s at "
+               f"24 kHz -> {int(encoder_cfg.feature_lengths(samples))} frames / pool {pool})")
+  given = int(c.data.n_audio_tokens)
+  if given and given < need:
+    raise cfglib.ConfigError(
+        f"config.data.n_audio_tokens = {given} is below the records' {longest}: audio would be cut. "
+        "Set it to 0 (derive it from the records) or at least the records' count")
+  return AudioSlots(tokens=max(given, need), samples=samples, longest=longest)
+
+
+class Data:
+  """The run's data: a resumable train iterator, eval batches and a generation sample.
+
+  Audio tokens come from the clips (each micro-batch attends ceil(frames of its longest clip / pool)
+  tokens); `slots` is the static bound, from the records' precompute reports (`audio_slots`)."""
+
+  def __init__(self, c, tokenizer, records_dir: str, encoder_cfg=None):
     from musilingo_jax.data import records
     self.c, self.tokenizer = c, tokenizer
     self.train_files = records.shard_files(records_dir, c.data.train_split)
@@ -251,19 +469,46 @@ class Data:
     if rows % jax.process_count():
       raise ValueError(f"config.train.batch_size * accum_steps = {rows} does not split over "
                        f"{jax.process_count()} processes")
+    if c.train.batch_size % jax.process_count():
+      raise ValueError(f"config.train.batch_size = {c.train.batch_size} (one micro-batch) does not split over "
+                       f"{jax.process_count()} processes")
     self.rows_per_process = rows // jax.process_count()
+    self.encoder_cfg = encoder_cfg
+    self.slots = audio_slots(c, encoder_cfg, records_dir)
+    self.pad_id = pad_id(c, tokenizer)
+    # MERT's feature extractor (MusicInstruct / MusicCaps raw audio): the checkpoint's do_normalize.
+    from musilingo_jax.data import audio as audio_lib
+    self.normalize_audio = (not c.data.use_features) and audio_lib.extractor_do_normalize(
+        c.model.checkpoint or None, c.data.dataset)
+    self._check_prompt_fits()
 
-  def _make(self, files, *, train: bool, batch_size: int):
+  def _check_prompt_fits(self) -> None:
+    """BOS + the template + the slot bound's audio tokens must leave room for an answer in max_len."""
+    c = self.c
+    before, after = prompts.prompt_segments("?", prompt_config(c)) if c.prompt.template else ("", "")
+    fixed = 1 + len(self.tokenizer.encode(before)) + self.slots.tokens + len(self.tokenizer.encode(after))
+    if fixed >= c.data.max_len:
+      raise ValueError(f"config.data.max_len = {c.data.max_len} leaves no room for an answer: the prompt "
+                       f"template and {self.slots.longest} already take {fixed} positions")
+
+  def tokens_of_samples(self, samples: int) -> int:
+    return audio_token_count(self.encoder_cfg, self.c.model.pool_frames, samples)
+
+  def _make(self, files, *, train: bool, batch_size: int, accum_steps: int = 1):
     from musilingo_jax.data import pipeline
     c = self.c
     return pipeline.make_dataset(
         files, tokenizer=self.tokenizer, prompt_cfg=prompt_config(c), batch_size=batch_size, seed=c.seed,
-        shuffle=train, num_epochs=None if train else 1, n_audio_tokens=c.data.n_audio_tokens,
-        max_len=c.data.max_len, layout=c.data.layout, use_features=c.data.use_features,
-        drop_remainder=train, worker_count=c.data.worker_count)
+        shuffle=train, num_epochs=None if train else 1, audio_slots=self.slots.tokens,
+        audio_samples=self.slots.samples, max_len=c.data.max_len, layout=c.data.layout,
+        use_features=c.data.use_features, drop_remainder=train, worker_count=c.data.worker_count,
+        accum_steps=accum_steps, pad_id=self.pad_id,
+        tokens_of_samples=None if c.data.use_features else self.tokens_of_samples,
+        normalize_audio=self.normalize_audio)
 
   def train_iterator(self):
-    return self._make(self.train_files, train=True, batch_size=self.rows_per_process)
+    return self._make(self.train_files, train=True, batch_size=self.rows_per_process,
+                      accum_steps=self.c.train.accum_steps)
 
   def get_train_state(self, it) -> dict:
     from musilingo_jax.data import pipeline
@@ -296,8 +541,7 @@ class Data:
   def generation_metrics(self, model, n: int) -> dict[str, float]:
     from musilingo_jax import evaluate
     res = evaluate.evaluate(model, self.tokenizer, self.eval_examples(n),
-                            batch_size=min(8, n), n_audio_tokens=self.c.data.n_audio_tokens,
-                            prompt_cfg=prompt_config(self.c), greedy=self.c.eval.greedy,
+                            batch_size=min(8, n), prompt_cfg=prompt_config(self.c), greedy=self.c.eval.greedy,
                             max_new_tokens=self.c.eval.max_new_tokens, bertscore=False)
     return {k: float(v) for k, v in res.get("summary", {}).items() if isinstance(v, (int, float))}
 
@@ -327,7 +571,13 @@ def build_data(c, tokenizer, model) -> Data:
   else:
     rec_dir = c.data.records_dir
   attach_feature_norm(c, model, rec_dir)
-  return Data(c, tokenizer, str(rec_dir))
+  return Data(c, tokenizer, str(rec_dir), encoder_cfg=model.cfg.encoder)
+
+
+def pad_id(c, tokenizer) -> int:
+  """The pad token of training batches: `config.data.pad` = "eos" (the reference: pad = eos whatever the
+  tokenizer files name) or "tokenizer" (the files' pad token, eos when they name none)."""
+  return tokenizer.eos_id if c.data.get("pad", "eos") == "eos" else tokenizer.pad_id
 
 
 def attach_feature_norm(c, model: MusiLingo, records_dir) -> dict | None:

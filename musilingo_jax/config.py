@@ -53,7 +53,12 @@ def base_config() -> ConfigDict:
   c.data.train_split = "Finetune"
   c.data.eval_split = "Eval"
   c.data.use_features = True      # precomputed pooled features (True) or raw audio windows (False)
-  c.data.n_audio_tokens = 4       # ceil(frames / pool_frames): 8 for 30.5 s, 4 for 15.5 s, 3 for 10 s
+  # Audio-token slots per row (a static bound). Each micro-batch attends ceil(frames of its longest clip /
+  # pool_frames) tokens, as the reference: 0 = the bound from the records' precompute reports (the longest
+  # clip); a positive value below that is refused, above it only widens the static shape.
+  c.data.n_audio_tokens = 0
+  # Pad token of training batches: "eos" (the reference, whatever the tokenizer files name) or "tokenizer".
+  c.data.pad = "eos"
   c.data.max_len = 256            # fixed sequence length of a batch
   c.data.layout = "reference"     # reference (middle padding, exact loss) | packed
   c.data.worker_count = 0         # Grain workers (0 = in-process; on few cores prefer 0)
@@ -80,6 +85,11 @@ def base_config() -> ConfigDict:
   c.train.iters_per_epoch = 5000
   c.train.epochs = 6
   c.train.num_steps = -1          # optimizer steps; -1 = epochs * iters_per_epoch / accum_steps
+  # The reference's epochs: iters_per_epoch // accum_steps updates per epoch, the epoch's last
+  # iters_per_epoch % accum_steps micro-batches' gradients summed into the next epoch's first update, each
+  # update at the LR of the iteration where the reference steps (train.EpochCarry). False: one continuous
+  # run of epochs * iters_per_epoch / accum_steps updates, nothing carried.
+  c.train.epoch_carry = False
   c.train.weight_decay = 0.05
   c.train.b1 = 0.9
   c.train.b2 = 0.999
@@ -126,6 +136,8 @@ def loss_positions(c: ConfigDict) -> int | None:
 def num_train_steps(c: ConfigDict) -> int:
   if c.train.num_steps > 0:
     return c.train.num_steps
+  if c.train.get("epoch_carry", False):  # whole updates per epoch, as the reference
+    return max(1, c.train.epochs * (c.train.iters_per_epoch // c.train.accum_steps))
   return max(1, c.train.epochs * c.train.iters_per_epoch // c.train.accum_steps)
 
 
@@ -162,7 +174,11 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool =
   if c.train.trainable == "all" and c.model.checkpoint:
     raise ConfigError("config.train.trainable = 'all' is for tiny demo models only; a converted "
                       "checkpoint (config.model.checkpoint) trains 'projection' or 'projection+lora'")
-  for field in ("model.pool_frames", "data.n_audio_tokens", "data.max_len", "train.batch_size",
+  _choice(c.data.get("pad", "eos"), "data.pad", ("eos", "tokenizer"))
+  if not isinstance(c.data.n_audio_tokens, int) or c.data.n_audio_tokens < 0:
+    raise ConfigError(f"config.data.n_audio_tokens = {c.data.n_audio_tokens!r}; expected 0 (from the records) "
+                      "or a positive slot bound")
+  for field in ("model.pool_frames", "data.max_len", "train.batch_size",
                 "train.accum_steps", "train.iters_per_epoch", "train.epochs", "log_every", "eval_every",
                 "save_every", "keep"):
     node = c
@@ -170,6 +186,13 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool =
       node = node[part]
     if not isinstance(node, int) or node <= 0:
       raise ConfigError(f"config.{field} = {node!r}; expected a positive integer")
+  if c.train.get("epoch_carry", False):
+    if c.train.accum_reduce != "sum":
+      raise ConfigError("config.train.epoch_carry = True carries summed gradients (the reference): it needs "
+                        f"config.train.accum_reduce = 'sum', not {c.train.accum_reduce!r}")
+    if c.train.iters_per_epoch < c.train.accum_steps:
+      raise ConfigError(f"config.train.epoch_carry = True with config.train.iters_per_epoch = "
+                        f"{c.train.iters_per_epoch} < accum_steps = {c.train.accum_steps}: no epoch would step")
   if c.train.trainable == "projection+lora":
     if c.train.lora.rank <= 0:
       raise ConfigError(f"config.train.lora.rank = {c.train.lora.rank}; expected a positive integer")
@@ -226,7 +249,6 @@ def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:
   c.model.pool_frames = 125
   # The random encoder's features are ~97 % one shared direction: standardised, the projection trains.
   c.model.feature_norm = "train_stats"
-  c.data.n_audio_tokens = 3 if smoke else 6
   c.data.max_len = 64
   c.prompt.max_txt_len = 32
   # The projection plus rank-8 LoRA on q/v: in 150 CPU steps a projection alone learns the answer format

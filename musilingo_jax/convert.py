@@ -656,6 +656,15 @@ def _with_dtype(config, dtype, compute_dtype=None):
   return dataclasses.replace(config, **changes) if changes else config
 
 
+def _config_from_hf(config_cls, hf_config: dict, dtype=None, compute_dtype=None,
+                    overrides: Mapping[str, Any] | None = None):
+  """config_cls.from_hf_config(hf_config) with `dtype`/`compute_dtype` (see _with_dtype), then `overrides`
+  (our own fields: dtype, param_dtype, attention_impl, spec_augment, ...), which win over both."""
+  overrides = dict(overrides or {})
+  config = _with_dtype(config_cls.from_hf_config(hf_config, **overrides), dtype, compute_dtype)
+  return dataclasses.replace(config, **overrides) if overrides else config
+
+
 def _sharding_table(abstract_state, shardings, mesh, rules) -> dict[str, Any]:
   """Flat path -> target Sharding (or None = default device) for every leaf of `abstract_state`.
 
@@ -989,14 +998,14 @@ def import_pretrained(role: str, path: str | os.PathLike, *, dtype=None, compute
                       config_overrides: Mapping[str, Any] | None = None, **model_kwargs):
   """An HF directory / file or a GGUF -> (our model, its config). role: "encoder" (MERT) or "llm" (Llama).
 
-  `config_overrides` set config fields HF does not describe (attention_impl, spec_augment, ...);
-  `model_kwargs` go to the model constructor (e.g. lora=). See import_model for the rest."""
+  `config_overrides` set config fields HF does not describe (dtype, param_dtype, attention_impl,
+  spec_augment, ...) and win over `dtype`/`compute_dtype`; `model_kwargs` go to the model constructor
+  (e.g. lora=). See import_model for the rest."""
   model_cls, config_cls, rules, ignore_for = model_parts(role)
   with open_source(path, expect=role) as src:
     if src.config is None:
       raise ConversionError(f"{path}: no config.json beside the weights")
-    config = config_cls.from_hf_config(src.config, **dict(config_overrides or {}))
-    config = _with_dtype(config, dtype, compute_dtype)
+    config = _config_from_hf(config_cls, src.config, dtype, compute_dtype, config_overrides)
     model = import_model(model_cls, config, src, rules, ignore=tuple(ignore_for(config)) + tuple(ignore),
                          shardings=shardings, mesh=mesh, sharding_rules=sharding_rules, progress=progress,
                          **model_kwargs)
@@ -1132,7 +1141,8 @@ def convert_checkpoint(out_dir: str | os.PathLike, *, mert: str | os.PathLike | 
                        llm: str | os.PathLike | None = None, dtype="float32", ignore: tuple[str, ...] = (),
                        progress: bool = True) -> dict:
   """HF/GGUF checkpoints -> out_dir/params/{encoder,llm} (Orbax) + {encoder,llm}_config.json (our
-  to_hf_config()) + tokenizer/ (the LLM's) + meta.json. One model is held at a time, built tensor by tensor."""
+  to_hf_config()) + tokenizer/ (the LLM's) + preprocessor_config.json (MERT's feature extractor settings,
+  when the MERT directory has one) + meta.json. One model is held at a time, built tensor by tensor."""
   import gc
   import jax.numpy as jnp
   out = Path(out_dir)
@@ -1147,6 +1157,11 @@ def convert_checkpoint(out_dir: str | os.PathLike, *, mert: str | os.PathLike | 
     meta["sources"][role] = str(path)
     del model
     gc.collect()
+    if role == "encoder":  # MERT's feature extractor settings (do_normalize), which the data path follows
+      src = Path(path) if Path(path).is_dir() else Path(path).parent
+      if (src / "preprocessor_config.json").is_file():
+        import shutil
+        shutil.copy2(src / "preprocessor_config.json", out / "preprocessor_config.json")
   if llm is not None:
     tok = copy_tokenizer(llm, out / "tokenizer")
     meta["tokenizer"] = "tokenizer" if tok is not None else None
@@ -1162,7 +1177,8 @@ def load_converted(directory: str | os.PathLike, *, dtype=None, compute_dtype=No
   Parameters restore straight onto `shardings` (or `mesh` + logical `sharding_rules`, see import_model; the
   same value serves both models) in `dtype` (default: the dtype they were converted in); `compute_dtype`
   defaults to `dtype`. `lora` (a layers.LoRAConfig) adds fresh adapters to the LLM. `roles` picks what to
-  load; `config_overrides` ({"encoder": {...}, "llm": {...}}) sets config fields HF does not describe.
+  load; `config_overrides` ({"encoder": {...}, "llm": {...}}) sets config fields HF does not describe
+  (dtype, param_dtype, attention_impl, spec_augment, ...) and wins over `dtype`/`compute_dtype`.
   meta: meta.json plus the configs used ("encoder_config", "llm_config").
   """
   unknown = set(roles) - set(ROLES)
@@ -1182,8 +1198,7 @@ def load_converted(directory: str | os.PathLike, *, dtype=None, compute_dtype=No
       raise ConversionError(f"{cfg_path}: missing (needed to restore {d / 'params' / role})")
     model_cls, config_cls, _, _ = model_parts(role)
     overrides = dict((config_overrides or {}).get(role) or {})
-    config = _with_dtype(config_cls.from_hf_config(json.loads(cfg_path.read_text()), **overrides), dtype,
-                         compute_dtype)
+    config = _config_from_hf(config_cls, json.loads(cfg_path.read_text()), dtype, compute_dtype, overrides)
     kwargs = {"lora": lora} if role == "llm" and lora is not None else {}
     models[role] = restore_params(d / "params" / role, model_cls, config, shardings=shardings, mesh=mesh,
                                   sharding_rules=sharding_rules, **kwargs)

@@ -44,7 +44,7 @@ def report(c, workdir: str, summary: dict, *, limit: int | None = None) -> dict:
   # Decoding on CPU reads every weight once per token whatever the batch, so batches are wide (up to 64
   # rows) and evenly filled (little padding work in the prefill).
   n_batches = -(-len(test) // 64)
-  kw = dict(batch_size=-(-len(test) // n_batches), n_audio_tokens=c.data.n_audio_tokens, prompt_cfg=prompt_config(c), greedy=True,
+  kw = dict(batch_size=-(-len(test) // n_batches), prompt_cfg=prompt_config(c), greedy=True,
             max_new_tokens=c.eval.max_new_tokens, bertscore=False)
   print(f"\ndemo: answering {len(test)} held-out questions (greedy), with the audio and with it zeroed ...",
         flush=True)

@@ -45,6 +45,7 @@ def _audio_array(a) -> np.ndarray:
 
 
 def _n_audio_tokens(model, example: dict) -> int:
+  """The clip's own audio tokens: its precomputed feature rows, or ceil(encoder frames / pool_frames)."""
   if example.get("features") is not None:
     return int(np.asarray(example["features"]).shape[0])
   cfg = model.cfg
@@ -52,33 +53,38 @@ def _n_audio_tokens(model, example: dict) -> int:
   return -(-int(frames) // cfg.pool_frames)
 
 
-def _audio_batch(model, rows: Sequence[dict], n_audio_tokens: int, zero_audio: bool) -> dict:
+def _audio_batch(model, rows: Sequence[dict], slots: int, zero_audio: bool, samples: int) -> dict:
+  """Each clip as if alone (the reference generates one clip at a time): features zero-padded to `slots`
+  rows, or audio zero-padded to `samples` with its own length as `audio_len` and `audio_pad_len`."""
   if zero_audio:
-    return {"features": np.zeros((len(rows), n_audio_tokens, model.cfg.encoder.hidden_size), np.float32)}
+    return {"features": np.zeros((len(rows), slots, model.cfg.encoder.hidden_size), np.float32)}
   if all(r.get("features") is not None for r in rows):
     feats = [np.asarray(r["features"], np.float32) for r in rows]
-    for r, f in zip(rows, feats):
-      if f.shape[0] < n_audio_tokens:
-        raise ValueError(f"example {r.get('id')!r}: {f.shape[0]} audio tokens of features < n_audio_tokens "
-                         f"{n_audio_tokens}")
-    return {"features": np.stack([f[:n_audio_tokens] for f in feats])}
+    return {"features": np.stack([np.pad(f, ((0, slots - len(f)), (0, 0))) for f in feats])}
   audio = [_audio_array(r["audio"]) for r in rows]
-  width = max(len(a) for a in audio)
-  return {"audio": np.stack([np.pad(a, (0, width - len(a))) for a in audio])}
+  lengths = np.asarray([len(a) for a in audio], np.int32)
+  return {"audio": np.stack([np.pad(a, (0, samples - len(a))) for a in audio]), "audio_len": lengths,
+          "audio_pad_len": lengths}
 
 
-def _text_metrics(preds, refs, *, bertscore: bool, bertscore_model) -> dict[str, metrics.Metric]:
+def _text_metrics(preds, refs, *, bertscore: bool, bertscore_model, reference_preds=None
+                  ) -> dict[str, metrics.Metric]:
+  """Reference metrics on `reference_preds` (the reference's own answer strings; default `preds`),
+  corrected metrics on `preds` (clean answers)."""
+  ref_preds = preds if reference_preds is None else reference_preds
   if bertscore:
-    return metrics.text_metrics(preds, refs, bertscore_model=bertscore_model)
+    return metrics.text_metrics(preds, refs, bertscore_model=bertscore_model, reference_preds=ref_preds)
   # Without BERTScore (periodic evaluation during training): the same labels, BERT-S left out.
   rouge = metrics.rouge_l(preds, refs)
   meteor, why = metrics.meteor_wordpunct(preds, refs)
+  rouge_ref = metrics.rouge_l(ref_preds, refs)
+  meteor_ref, why_ref = metrics.meteor_wordpunct(ref_preds, refs)
   n = len(preds)
   mean = lambda xs: None if xs is None or not n else float(np.mean(xs))  # noqa: E731
   rows = [
-      ("bleu_char_4gram (reference)", [metrics.bleu_char_4gram(p, r) for p, r in zip(preds, refs)], "", "B-U"),
-      ("meteor_wordpunct (reference)", meteor, why, "M-R"),
-      ("rougeL_recall (reference)", [s.recall for s in rouge], "", "R-L"),
+      ("bleu_char_4gram (reference)", [metrics.bleu_char_4gram(p, r) for p, r in zip(ref_preds, refs)], "", "B-U"),
+      ("meteor_wordpunct (reference)", meteor_ref, why_ref, "M-R"),
+      ("rougeL_recall (reference)", [s.recall for s in rouge_ref], "", "R-L"),
       ("bleu1_word (corrected)", [metrics.bleu1_word(p, r) for p, r in zip(preds, refs)], "", ""),
       ("meteor_wordpunct (corrected)", meteor, why, ""),
       ("rougeL_f1 (corrected)", [s.fmeasure for s in rouge], "", ""),
@@ -95,24 +101,29 @@ def evaluate(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 8,
 
   Returns {"n", "settings", "reference", "corrected", "factual" (label -> metrics.Metric), "summary"
   (label -> float, every computed number), "predictions" (per example: id, question, reference, prediction,
-  raw_text, n_tokens, kind, fact, correct), "timing"}.
+  reference_prediction, raw_text, n_tokens, kind, fact, correct), "timing"}. The reference metrics score
+  `reference_prediction` (the answer string exactly as the reference post-processes it, e.g. ending in
+  "</s>"); the corrected metrics and factual accuracy score `prediction` (the clean answer).
   """
   examples = list(examples)
   if not examples:
     raise ValueError("evaluate needs at least one example")
-  if n_audio_tokens is None:
-    n_audio_tokens = _n_audio_tokens(model, examples[0])
+  # Every clip attends its own audio tokens; `n_audio_tokens` (optional) is only a wider static bound.
+  counts = [_n_audio_tokens(model, e) for e in examples]
+  slots = max(counts + [n_audio_tokens or 0])
+  samples = max((len(e["audio"]) for e in examples if e.get("features") is None and e.get("audio") is not None),
+                default=0)
   encoded = [prompts.encode_prompt(tokenizer, e.get("question"), prompt_cfg) for e in examples]
-  longest = max(1 + len(p["before"]) + n_audio_tokens + len(p["after"]) for p in encoded)
+  longest = max(1 + len(p["before"]) + n + len(p["after"]) for p, n in zip(encoded, counts))
   max_len = -(-longest // 8) * 8
   results: list[gen.GenerationResult] = []
   t0, n_tokens = time.perf_counter(), 0
   for i, start in enumerate(range(0, len(examples), batch_size)):
     idx = list(range(start, min(start + batch_size, len(examples))))
     idx += [idx[-1]] * (batch_size - len(idx))  # one compiled shape
-    batch = prompts.collate_prompts([encoded[j] for j in idx], n_audio_tokens=n_audio_tokens,
+    batch = prompts.collate_prompts([encoded[j] for j in idx], n_audio_tokens=[counts[j] for j in idx],
                                     bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id, max_len=max_len)
-    batch.update(_audio_batch(model, [examples[j] for j in idx], n_audio_tokens, zero_audio))
+    batch.update(_audio_batch(model, [examples[j] for j in idx], slots, zero_audio, samples))
     out = gen.generate(model, batch, tokenizer=tokenizer, seed=seed + i, **gen_kwargs)
     n_real = min(batch_size, len(examples) - start)
     results.extend(out[:n_real])
@@ -122,8 +133,10 @@ def evaluate(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 8,
   gen_s = time.perf_counter() - t0
 
   preds = [r.text for r in results]
+  ref_preds = [r.reference_text for r in results]  # as the reference post-processes them (generate.py)
   refs = [str(e["answer"]) for e in examples]
-  text = _text_metrics(preds, refs, bertscore=bertscore, bertscore_model=bertscore_model)
+  text = _text_metrics(preds, refs, bertscore=bertscore, bertscore_model=bertscore_model,
+                       reference_preds=ref_preds)
   reference = {k: m for k, m in text.items() if k.endswith("(reference)")}
   corrected = {k: m for k, m in text.items() if k.endswith("(corrected)")}
   facts = [known_fact(e) for e in examples]
@@ -135,7 +148,7 @@ def evaluate(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 8,
   predictions = []
   for i, (e, r) in enumerate(zip(examples, results)):
     row = {"id": e.get("id", i), "question": e.get("question"), "reference": refs[i], "prediction": r.text,
-           "raw_text": r.raw_text, "n_tokens": len(r.token_ids)}
+           "reference_prediction": r.reference_text, "raw_text": r.raw_text, "n_tokens": len(r.token_ids)}
     if e.get("kind") is not None:
       row["kind"] = e["kind"]
     if facts[i] is not None:
@@ -143,7 +156,7 @@ def evaluate(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 8,
       row["correct"] = metrics.answer_correct(r.text, facts[i])
     predictions.append(row)
   summary = {k: m.value for d in (reference, corrected, factual) for k, m in d.items() if m.value is not None}
-  settings = {"batch_size": batch_size, "n_audio_tokens": n_audio_tokens, "zero_audio": zero_audio, "seed": seed,
+  settings = {"batch_size": batch_size, "n_audio_tokens": slots, "zero_audio": zero_audio, "seed": seed,
               "prompt": dataclasses.asdict(prompt_cfg), "bertscore": bertscore,
               **{k: (list(map(list, v)) if k == "stop_sequences" and v is not None else v)
                  for k, v in gen_kwargs.items()}}

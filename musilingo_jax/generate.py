@@ -1,10 +1,11 @@
 """Generation for MusiLingo: one jitted prefill, then a KV-cache decode loop inside `jax.lax.while_loop`.
 
-The reference (SPEC.md section 4, `ML qa.py`) samples with temperature 0.1, top_p 0.5, one beam, at most
-300 new tokens, repetition penalty 1.0 (a no-op, so not implemented), and transformers' default top_k 50
+The reference (MusiLingo's qa.py; docs/reference_details.md) samples with temperature 0.1, top_p 0.5, one beam, at
+most 300 new tokens, repetition penalty 1.0 (a no-op, so not implemented), and transformers' default top_k 50
 (it rarely binds at T = 0.1, top_p 0.5). It stops when the output ends with [835] or [2277, 29937] (both
-spell "###" in the LLaMA vocabulary) or on EOS, and post-processes: drop a leading <unk>/<s>, decode,
-keep the text before the first "###", after the last "Assistant:", strip.
+spell "###" in the LLaMA vocabulary) or on EOS. Two answer strings come out of each row: `text` (clean:
+drop a leading <unk>/<s>, decode without special tokens, keep the text before the first "###", after the
+last "Assistant:", strip) and `reference_text` (exactly what the reference scores: `reference_answer`).
 
 Layout of one call (prompts from `prompts.collate_prompts`: left-padded, positions = cumsum(mask) - 1):
   slots 0..L-1          the prompt (pads masked), written by one prefill call;
@@ -42,6 +43,7 @@ class GenerationResult:
   token_ids: list[int]  # generated ids, up to and including the stop sequence / EOS that ended the row
   text: str             # the answer, post-processed as the reference
   raw_text: str         # the decoded ids before post-processing (special tokens verbatim)
+  reference_text: str = ""  # the answer string the reference computes from these ids (`reference_answer`)
 
 
 # ---- stop sequences --------------------------------------------------------------------------------
@@ -245,14 +247,89 @@ def postprocess(ids: Sequence[int], tokenizer, *, keep_special_text: bool = Fals
   return raw, shown.split(STOP_TEXT)[0].split("Assistant:")[-1].strip()
 
 
+# transformers' LlamaConfig default bos_token_id: the id generate() starts from when given inputs_embeds.
+REFERENCE_START_ID = 1
+
+
+def _llama_428_tokens_to_string(tokens: Sequence[str], specials: set, sp) -> str:
+  """transformers 4.28.0 `LlamaTokenizer.convert_tokens_to_string`, line for line: a special token is written
+  verbatim, preceded by one space unless it is the first token or follows another special token; the text
+  between special tokens is decoded by SentencePiece; nothing is stripped."""
+  out, run, prev_special = "", [], False
+  for i, tok in enumerate(tokens):
+    if tok in specials:
+      if not prev_special and i != 0:
+        out += " "
+      out += sp.decode_pieces(run) + tok
+      prev_special, run = True, []
+    else:
+      run.append(tok)
+      prev_special = False
+  return out + sp.decode_pieces(run)
+
+
+def reference_decode(ids: Sequence[int], tokenizer, *, clean_up_tokenization_spaces: bool = False) -> str:
+  """`tokenizer.decode(ids)` as the reference's slow `LlamaTokenizer` computes it under transformers 4.28.0
+  (skip_special_tokens=False). Special tokens are the BOS/EOS/UNK strings the tokenizer files name (pad is
+  EOS: the reference sets it so); tokens past the SentencePiece vocabulary (added_tokens.json) are separate
+  pieces joined to the rest by one space. The LlamaTokenizer default does no clean-up of spaces before
+  punctuation. Tokenizers without a SentencePiece model decode with `skip_special_tokens=False`."""
+  ids = [int(i) for i in ids]
+  sp = getattr(tokenizer, "_sp", None)
+  if sp is None:
+    return tokenizer.decode(ids, skip_special_tokens=False)
+  specials = {tokenizer.id_to_piece(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id)
+              if i is not None}
+  added = getattr(tokenizer, "_added_by_id", {})
+  texts, run = [], []
+  for i in ids:
+    if i in added:
+      if run:
+        texts.append(_llama_428_tokens_to_string(run, specials, sp))
+        run = []
+      texts.append(added[i])
+    else:
+      run.append(tokenizer.id_to_piece(i))
+  if run:
+    texts.append(_llama_428_tokens_to_string(run, specials, sp))
+  text = " ".join(texts)
+  if clean_up_tokenization_spaces:  # transformers' PreTrainedTokenizerBase.clean_up_tokenization
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+      text = text.replace(a, b)
+  return text
+
+
+def reference_answer(ids: Sequence[int], tokenizer, *, start_id: int = REFERENCE_START_ID,
+                     clean_up_tokenization_spaces: bool = False) -> str:
+  """The answer string the reference's evaluation scores, from our generated `ids` (docs/reference_details.md).
+
+  transformers 4.28's generate() from inputs_embeds returns [start_id] + the generated ids, where start_id
+  is the model config's BOS (1 for LLaMA/Vicuna; 0 in some early conversions). The reference then drops a
+  first id 0, then a first id 1 (the literal ids), decodes with special tokens kept (`reference_decode`:
+  an answer that ended on EOS ends in "</s>"), keeps the text before the first "###" and after the last
+  "Assistant:", and strips. So with start_id 1 no generated token is ever dropped: a generated leading
+  <unk> or <s> stays in the answer as text."""
+  full = [int(start_id)] + [int(i) for i in ids]
+  if full and full[0] == 0:
+    full = full[1:]
+  if full and full[0] == 1:
+    full = full[1:]
+  text = reference_decode(full, tokenizer, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
+  return text.split(STOP_TEXT)[0].split("Assistant:")[-1].strip()
+
+
 def generate(model: MusiLingo | Llama, batch: dict, *, tokenizer, max_new_tokens: int = 300, greedy: bool = False,
              temperature: float = 0.1, top_p: float = 0.5, top_k: int | None = DEFAULT_TOP_K,
              stop_sequences: Sequence[Sequence[int]] | None = None, eos_ids: Sequence[int] | None = None,
-             seed: int = 0, keep_special_text: bool = False) -> list[GenerationResult]:
+             seed: int = 0, keep_special_text: bool = False,
+             reference_start_id: int = REFERENCE_START_ID) -> list[GenerationResult]:
   """Answers for a batch of prompts (see `generate_ids`), post-processed as the reference.
 
   stop_sequences: None derives them from the tokenizer (`stop_sequences_for`: the reference's
   ((835,), (2277, 29937)) for LLaMA); () disables them. eos_ids: None = (tokenizer.eos_id,); () disables.
+  Each result's `text` is the clean answer (special tokens skipped); `reference_text` is the string the
+  reference would score (`reference_answer` with start_id=reference_start_id).
   """
   if stop_sequences is None:
     stop_sequences = stop_sequences_for(tokenizer)
@@ -266,7 +343,8 @@ def generate(model: MusiLingo | Llama, batch: dict, *, tokenizer, max_new_tokens
   for row, n in zip(tokens, lengths):
     ids = row[:n].tolist()
     raw, text = postprocess(ids, tokenizer, keep_special_text=keep_special_text)
-    results.append(GenerationResult(token_ids=ids, text=text, raw_text=raw))
+    results.append(GenerationResult(token_ids=ids, text=text, raw_text=raw,
+                                    reference_text=reference_answer(ids, tokenizer, start_id=reference_start_id)))
   return results
 
 

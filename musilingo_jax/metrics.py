@@ -12,7 +12,9 @@ Corrected (what those names usually mean):
   meteor_wordpunct             the same computation as the reference (it already works on words)
   rougeL_f1                    the same scorer, F1
   bertscore_f1                 BERTScore F1
-No text normalisation anywhere (as the reference).
+No text normalisation anywhere (as the reference). The reference metrics score the answer strings exactly as
+the reference post-processes them (`text_metrics(reference_preds=...)`, from `generate.reference_answer`:
+e.g. "</s>" left at the end of an answer that stopped on EOS); the corrected ones score the clean answers.
 
 BERTScore: no registry ships roberta-large, so it is used only when given as a local directory (argument
 `bertscore_model=` or env MUSILINGO_BERTSCORE_MODEL); otherwise all-MiniLM-L6-v2 from the pip package
@@ -237,14 +239,21 @@ def bertscore(preds: Sequence[str], refs: Sequence[str], encoder: BertScoreEncod
 
 def text_metrics(preds: Sequence[str], refs: Sequence[str], *, which: Iterable[str] = ("reference", "corrected"),
                  bertscore_model: str | os.PathLike | None = None, bertscore_layer: int | None = None,
-                 ) -> dict[str, Metric]:
-  """Reference and/or corrected metrics, keyed by label; BERTScore runs once for both."""
+                 reference_preds: Sequence[str] | None = None) -> dict[str, Metric]:
+  """Reference and/or corrected metrics, keyed by label; BERTScore runs once for both.
+
+  reference_preds: the answer strings the reference metrics score (the reference's own post-processing,
+  `generate.reference_answer`: special tokens such as a final "</s>" kept); None = `preds`. The corrected
+  metrics always score `preds` (clean answers)."""
   _check_pairs(preds, refs)
+  ref_preds = list(preds) if reference_preds is None else list(reference_preds)
+  _check_pairs(ref_preds, refs)
   which = set(which)
   if not which or which - {"reference", "corrected"}:
     raise ValueError(f"which={sorted(which)}: expected 'reference' and/or 'corrected'")
   n = len(preds)
   out: dict[str, Metric] = {}
+  same = ref_preds == list(preds)
 
   def add(label, values, note="", column=""):
     value = _mean(values) if values is not None else None
@@ -252,20 +261,25 @@ def text_metrics(preds: Sequence[str], refs: Sequence[str], *, which: Iterable[s
 
   meteor, meteor_why = meteor_wordpunct(preds, refs) if n else ([], "")
   rouge = rouge_l(preds, refs)
+  meteor_ref, meteor_ref_why = (meteor, meteor_why) if same or not n else meteor_wordpunct(ref_preds, refs)
+  rouge_ref = rouge if same else rouge_l(ref_preds, refs)
   if n:
     enc = resolve_bertscore_encoder(bertscore_model, bertscore_layer)
-    P, R, F = bertscore(preds, refs, enc)
+    # One call embeds every distinct sentence once, for both sets of answers.
+    P, R, F = bertscore(list(preds) + ([] if same else ref_preds), list(refs) + ([] if same else list(refs)), enc)
+    R_ref = R if same else R[n:]
+    P, R, F = P[:n], R[:n], F[:n]
   else:
-    enc, P, R, F = None, [], [], []
+    enc, P, R, F, R_ref = None, [], [], [], []
   tag = enc.tag if enc else "?"
   bs_note = "" if enc is None or enc.name.startswith("roberta-large") else (
       f"encoder {enc.name}, not roberta-large: not comparable with published BERT-S")
   if "reference" in which:
-    add("bleu_char_4gram (reference)", [bleu_char_4gram(p, r) for p, r in zip(preds, refs)],
+    add("bleu_char_4gram (reference)", [bleu_char_4gram(p, r) for p, r in zip(ref_preds, refs)],
         "NLTK sentence_bleu on raw strings: character n-grams", "B-U")
-    add("meteor_wordpunct (reference)", meteor, meteor_why, "M-R")
-    add("rougeL_recall (reference)", [s.recall for s in rouge], "rouge_score, Porter stemmer, recall", "R-L")
-    add(f"bertscore_recall[{tag}] (reference)", list(R), bs_note, "BERT-S")
+    add("meteor_wordpunct (reference)", meteor_ref, meteor_ref_why, "M-R")
+    add("rougeL_recall (reference)", [s.recall for s in rouge_ref], "rouge_score, Porter stemmer, recall", "R-L")
+    add(f"bertscore_recall[{tag}] (reference)", list(R_ref), bs_note, "BERT-S")
   if "corrected" in which:
     add("bleu1_word (corrected)", [bleu1_word(p, r) for p, r in zip(preds, refs)],
         "wordpunct tokens, weights (1,), no smoothing")

@@ -7,12 +7,19 @@ Each segment and the answer (`answer + end_sym`, truncated to `max_txt_len` toke
 own with no special tokens. The model input is `[BOS] + p_before + audio + p_after + answer`; stage 1
 (captions) has no template: `[BOS] + audio + caption + "\\n"`.
 
-Layouts (`collate(layout=...)`):
-  reference: p_before and p_after are each right-padded to the batch's longest (pads sit in the middle,
-             masked in attention, positions still count them), the answer follows, then end padding up to
+Layouts (`collate(layout=...)`), applied to one micro-batch at a time (the reference pads each
+micro-batch, never the accumulated batch):
+  reference: p_before and p_after are each right-padded to the micro-batch's longest (pads sit in the
+             middle, masked in attention, positions still count them); every row gets the micro-batch's
+             audio token count (ceil(longest clip's frames / pool), all attended, as the reference's
+             collater pads the audio to the longest clip); the answer follows, then end padding up to
              `max_len`. This is the reference's exact loss; end padding changes nothing (causal + masked).
-  packed:    every real token contiguous, all padding at the end (no middle pads; each sample's loss
-             equals its single-sample loss). Our option, not the reference's.
+  packed:    every real token contiguous, each row with its own clip's audio token count, all padding at
+             the end (no middle pads; each sample's loss equals its single-sample loss). Our option.
+
+Audio tokens are never cut and never overwrite a prompt position: p_after starts right after the row's
+audio tokens (`audio_tokens` [B] in the batch says how many); arrays of audio tokens (`features`) may be
+longer (a static slot bound), their extra slots are simply not spliced in.
 """
 
 from __future__ import annotations
@@ -74,12 +81,29 @@ def encode_prompt(tok: TokenizerLike, question: str | None, cfg: PromptConfig) -
 _TEXT_KEYS = ("before", "after", "answer")
 
 
-def collate(examples: Sequence[dict], *, n_audio_tokens: int, max_len: int, bos_id: int, pad_id: int,
-            layout: str = "reference", batch_size: int | None = None) -> dict[str, np.ndarray]:
-  """Lays out a batch of `encode_example` outputs into fixed [B, max_len] arrays (DESIGN.md table).
+def audio_token_counts(examples: Sequence[dict], n_audio_tokens: int | None, layout: str) -> list[int]:
+  """Attended audio tokens per row: each example's own count (`ex["audio_tokens"]`, else `n_audio_tokens`);
+  in the reference layout every row gets the micro-batch's largest (its audio is padded to the longest)."""
+  own = []
+  for i, ex in enumerate(examples):
+    n = ex.get("audio_tokens", n_audio_tokens)
+    if n is None:
+      raise ValueError(f"example {ex.get('id', i)!r} has no audio_tokens and collate got no n_audio_tokens")
+    own.append(int(n))
+  if layout == "reference":
+    return [max(own)] * len(own)
+  return own
 
-  Other numpy values present in every example (audio, audio_len, features, ...) are stacked as they
-  are. With `batch_size`, the batch is filled up with rows marked `valid = 0` that carry no labels.
+
+def collate(examples: Sequence[dict], *, max_len: int, bos_id: int, pad_id: int, n_audio_tokens: int | None = None,
+            layout: str = "reference", batch_size: int | None = None) -> dict[str, np.ndarray]:
+  """Lays out ONE micro-batch of `encode_example` outputs into fixed [B, max_len] arrays (DESIGN.md table).
+
+  Each example's audio token count is `ex["audio_tokens"]` (else `n_audio_tokens`); see the module
+  docstring for how the layouts use it. Other numpy values present in every example (audio, audio_len,
+  features, ...) are stacked as they are. With `batch_size`, the batch is filled up with rows marked
+  `valid = 0` that carry no labels. The reference layout also sets `audio_pad_len` [B]: the micro-batch's
+  longest `audio_len` (the length the reference's collater pads the audio to), when examples have one.
   """
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -91,20 +115,24 @@ def collate(examples: Sequence[dict], *, n_audio_tokens: int, max_len: int, bos_
     raise ValueError(f"{n} examples do not fit batch_size {B}")
   lb = max(len(e["before"]) for e in examples)
   la = max(len(e["after"]) for e in examples)
+  counts = audio_token_counts(examples, n_audio_tokens, layout)
 
   input_ids = np.full((B, max_len), pad_id, np.int32)
   mask = np.zeros((B, max_len), np.int32)
   labels = np.full((B, max_len), IGNORE, np.int32)
   audio_start = np.zeros((B,), np.int32)
+  audio_tokens = np.zeros((B,), np.int32)
   valid = np.zeros((B,), np.int32)
   for row in range(B):
-    ex = examples[row] if row < n else examples[0]
+    src = row if row < n else 0
+    ex = examples[src]
+    n_audio = counts[src]
     before, after, answer = (np.asarray(ex[k], np.int32) for k in _TEXT_KEYS)
     if layout == "reference":
       before_slot, after_slot = lb, la
     else:
       before_slot, after_slot = len(before), len(after)
-    length = 1 + before_slot + n_audio_tokens + after_slot + len(answer)
+    length = 1 + before_slot + n_audio + after_slot + len(answer)
     if length > max_len:
       raise ValueError(f"example {ex.get('id', row)!r} needs {length} positions > max_len {max_len}")
     input_ids[row, 0] = bos_id
@@ -114,8 +142,9 @@ def collate(examples: Sequence[dict], *, n_audio_tokens: int, max_len: int, bos_
     mask[row, pos:pos + len(before)] = 1
     pos += before_slot
     audio_start[row] = pos
-    mask[row, pos:pos + n_audio_tokens] = 1
-    pos += n_audio_tokens
+    audio_tokens[row] = n_audio
+    mask[row, pos:pos + n_audio] = 1
+    pos += n_audio
     input_ids[row, pos:pos + len(after)] = after
     mask[row, pos:pos + len(after)] = 1
     pos += after_slot
@@ -133,9 +162,10 @@ def collate(examples: Sequence[dict], *, n_audio_tokens: int, max_len: int, bos_
       "labels": labels,
       "positions": np.broadcast_to(np.arange(max_len, dtype=np.int32), (B, max_len)).copy(),
       "audio_start": audio_start,
+      "audio_tokens": audio_tokens,
       "valid": valid,
   }
-  extra = set(examples[0]) - set(_TEXT_KEYS) - {"valid"}
+  extra = set(examples[0]) - set(_TEXT_KEYS) - {"valid", "audio_tokens"}
   for key in sorted(extra):
     values = [ex.get(key) for ex in examples]
     if not all(isinstance(v, (np.ndarray, np.number, int, float)) and np.asarray(v).dtype.kind in "biuf"
@@ -145,16 +175,37 @@ def collate(examples: Sequence[dict], *, n_audio_tokens: int, max_len: int, bos_
     if B > n:
       arr = np.concatenate([arr, np.repeat(arr[:1], B - n, axis=0)])
     batch[key] = arr
+  if "audio_len" in batch:
+    lengths = batch["audio_len"].astype(np.int32)
+    batch["audio_pad_len"] = (np.full((B,), lengths.max(), np.int32) if layout == "reference" else lengths)
   return batch
 
 
-def collate_prompts(prompts: Sequence[dict], *, n_audio_tokens: int, bos_id: int, pad_id: int,
+def interleave_micro_batches(micro: Sequence[dict]) -> dict[str, np.ndarray]:
+  """A micro-batches of B rows -> one [A*B] batch where micro-batch a is rows b*A + a (the order the train
+  step's `_micro_batches` takes them apart in, which keeps every micro-batch split over the batch shards)."""
+  if len(micro) == 1:
+    return dict(micro[0])
+  keys = micro[0].keys()
+  out = {}
+  for k in keys:
+    stacked = np.stack([m[k] for m in micro], axis=1)  # [B, A, ...]
+    out[k] = stacked.reshape((-1,) + stacked.shape[2:])
+  return out
+
+
+def collate_prompts(prompts: Sequence[dict], *, bos_id: int, pad_id: int, n_audio_tokens: int | Sequence[int],
                     max_len: int | None = None) -> dict[str, np.ndarray]:
   """Left-padded generation prompts: [pad ... pad, BOS, p_before, audio, p_after].
 
-  positions = cumsum(mask) - 1 (0 on pads), so every row's real tokens sit at 0..n-1 as if alone.
+  n_audio_tokens: one count for all rows, or each row's own (its clip's tokens; generation runs each
+  clip as if alone). positions = cumsum(mask) - 1 (0 on pads), so every row's real tokens sit at 0..n-1.
   """
-  lengths = [1 + len(p["before"]) + n_audio_tokens + len(p["after"]) for p in prompts]
+  counts = ([int(n_audio_tokens)] * len(prompts) if np.ndim(n_audio_tokens) == 0
+            else [int(n) for n in n_audio_tokens])
+  if len(counts) != len(prompts):
+    raise ValueError(f"{len(counts)} audio token counts for {len(prompts)} prompts")
+  lengths = [1 + len(p["before"]) + n + len(p["after"]) for p, n in zip(prompts, counts)]
   L = max_len or max(lengths)
   if max(lengths) > L:
     raise ValueError(f"prompt of {max(lengths)} positions > max_len {L}")
@@ -162,13 +213,13 @@ def collate_prompts(prompts: Sequence[dict], *, n_audio_tokens: int, bos_id: int
   input_ids = np.full((B, L), pad_id, np.int32)
   mask = np.zeros((B, L), np.int32)
   audio_start = np.zeros((B,), np.int32)
-  for row, (p, length) in enumerate(zip(prompts, lengths)):
+  for row, (p, length, n) in enumerate(zip(prompts, lengths, counts)):
     start = L - length
     before, after = np.asarray(p["before"], np.int32), np.asarray(p["after"], np.int32)
-    seq = np.concatenate([[bos_id], before, np.full(n_audio_tokens, pad_id), after]).astype(np.int32)
+    seq = np.concatenate([[bos_id], before, np.full(n, pad_id), after]).astype(np.int32)
     input_ids[row, start:] = seq
     mask[row, start:] = 1
     audio_start[row] = start + 1 + len(before)
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
   return {"input_ids": input_ids, "attention_mask": mask, "positions": positions,
-          "audio_start": audio_start}
+          "audio_start": audio_start, "audio_tokens": np.asarray(counts, np.int32)}

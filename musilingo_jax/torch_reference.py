@@ -1,9 +1,9 @@
-"""The PyTorch reference of the MusiLingo step, written from SPEC.md: parity tests and benchmarks use it.
+"""The PyTorch reference of the MusiLingo step (docs/reference.md): parity tests and benchmarks use it.
 
   * `TorchMusiLingo.from_ours(model)`: a `transformers.HubertModel` + `torch.nn.Linear` + `LlamaForCausalLM`
     holding the same weights as our MusiLingo, copied one tensor at a time through the key tables
     (`mert.HF_KEY_RULES`, `llama.HF_KEY_RULES`); `load_into_ours` goes the other way.
-  * `reference_loss`: the reference's encode_audio / instruction_prompt_wrap / forward (SPEC.md sections 1-2):
+  * `reference_loss`: the reference's encode_audio / instruction_prompt_wrap / forward, one micro-batch:
     mean over all hidden states, mean pooling over windows of `pool` frames (leftover window = one more token),
     the projection, right padding of each segment to the batch's longest (pad = eos), BOS inserted as an
     embedding, labels only on the answer, shifted cross-entropy averaged over the batch's label tokens.
@@ -192,11 +192,25 @@ def copy_lora_from_ours(model, lm: transformers.LlamaForCausalLM) -> int:
 
 # ---- the reference loss --------------------------------------------------------------------------------
 
-def encode_audio(hub, audio, pool: int) -> torch.Tensor:
+def pad_clips(clips) -> tuple[np.ndarray, np.ndarray]:
+  """The reference collater's audio: clips zero-padded to the micro-batch's longest, and the attention mask."""
+  L = max(len(a) for a in clips)
+  audio = np.zeros((len(clips), L), np.float32)
+  mask = np.zeros((len(clips), L), np.int64)
+  for i, a in enumerate(clips):
+    audio[i, :len(a)] = a
+    mask[i, :len(a)] = 1
+  return audio, mask
+
+
+def encode_audio(hub, audio, pool: int, attention_mask=None) -> torch.Tensor:
   """Raw audio [B, S] -> pooled features [B, ceil(T / pool), D]: mean over all hidden states, then over
   windows of `pool` frames (padded frames included; a leftover window is one more token)."""
-  out = hub(torch.as_tensor(audio), output_hidden_states=True)
-  states = list(out.hidden_states[:-1]) + [out.last_hidden_state]  # transformers 5 quirk (SPEC.md)
+  mask = None if attention_mask is None else torch.as_tensor(attention_mask)
+  out = hub(torch.as_tensor(audio), attention_mask=mask, output_hidden_states=True)
+  # transformers 5 returns the pre-LayerNorm last state in hidden_states on the pre-LN path; the reference
+  # (transformers 4 / MERT's code) averages the normed one, which is last_hidden_state.
+  states = list(out.hidden_states[:-1]) + [out.last_hidden_state]
   h = torch.stack(states).transpose(0, 1).mean(-3)  # [B, T, D]
   B, T, D = h.shape
   avg = h[:, :T // pool * pool].reshape(B, T // pool, pool, D).mean(2)
@@ -216,15 +230,17 @@ def _pad(seqs, pad):
   return ids, att
 
 
-def reference_loss(hub, lm, proj, audio, exs, pool, *, features=None, bos: int = BOS, pad: int = PAD):
-  """SPEC.md sections 1-2, as the reference's encode_audio / instruction_prompt_wrap / forward do it.
+def reference_loss(hub, lm, proj, audio, exs, pool, *, features=None, bos: int = BOS, pad: int = PAD,
+                   audio_mask=None):
+  """The reference's encode_audio / instruction_prompt_wrap / forward, for ONE micro-batch.
 
   exs: per example {"before", "after", "answer"} token ids (each segment tokenized on its own). `audio`
-  [B, S] runs the encoder (no backward graph through it: frozen); or pass pooled `features` [B, T', D].
+  [B, S] runs the encoder (no backward graph through it: frozen), with `audio_mask` [B, S] when the clips
+  were padded to the longest (`pad_clips`); or pass pooled `features` [B, T', D].
   """
   if features is None:
     with torch.no_grad():
-      avg = encode_audio(hub, audio, pool)
+      avg = encode_audio(hub, audio, pool, audio_mask)
   else:
     avg = torch.as_tensor(features)
   audio_embeds = proj(avg)

@@ -182,9 +182,18 @@ def run(c, workdir: str) -> dict[str, Any]:
       data.set_train_state(train_it, own_data_state(data_state))
     print(f"resumed from {ckpt.directory}/{start} (step {meta['step']})", flush=True)
 
+  carry = None  # config.train.epoch_carry: the reference's epochs (train.EpochCarry)
+  if c.train.get("epoch_carry", False):
+    carry = trainlib.EpochCarry(train_it, accum_steps=accum, iters_per_epoch=c.train.iters_per_epoch,
+                                get_state=lambda: data.get_train_state(train_it))
+    carry.restore(own_data_state(data_state) if start and data_state is not None else None)
+    carry_grads_fn = jax.jit(trainlib.make_grad_step(graphdef, n_micro=max(carry.leftover, 1), dropout_seed=c.seed,
+                                                     loss_positions=cfglib.loss_positions(c)),
+                             out_shardings=(trainable_sh, rep))
+    no_carry = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t), out_shardings=trainable_sh)(trainable)
   step_fn = trainlib.make_train_step(graphdef, tx, accum_steps=accum,
                                      accum_reduce=c.train.accum_reduce, dropout_seed=c.seed,
-                                     loss_positions=cfglib.loss_positions(c))
+                                     loss_positions=cfglib.loss_positions(c), carry_grads=carry is not None)
   batch_sh = None  # filled per key at the first batch
   eval_fn = jax.jit(trainlib.make_eval_step(eval_graphdef, loss_positions=cfglib.loss_positions(c)))
 
@@ -207,21 +216,27 @@ def run(c, workdir: str) -> dict[str, Any]:
     # The step and eval traces happen inside: hidden states keep the batch split (sharding.constrain).
     with sharding.activation_sharding(mesh, rules, c.mesh.get("constrain_activations", True)):
       while step < num_steps:
-        local = next(train_it)
+        left, local = (None, next(train_it)) if carry is None else carry.next_update(step)
         if step == fault_nan:
           local = {k: (v * np.nan if k in ("features", "audio") else v) for k, v in local.items()}
         gbatch = sharding.global_batch(local, mesh)
         if compiled is None:
           batch_sh = {k: v.sharding for k, v in gbatch.items()}
           compiled = trainlib.jit_train_step(step_fn, trainable_sh=trainable_sh, opt_sh=opt_sh,
-                                             frozen_sh=frozen_sh, batch_sh=batch_sh, replicated=rep)
+                                             frozen_sh=frozen_sh, batch_sh=batch_sh, replicated=rep,
+                                             carry_grads=carry is not None)
           seq_len = gbatch["input_ids"].shape[1]
           frames = (model.cfg.encoder.feature_lengths(gbatch["audio"].shape[-1])
                     if "audio" in gbatch else 0)
-          flops_per_step = step_flops(model, gbatch["input_ids"].shape[0], seq_len, c.data.n_audio_tokens,
+          flops_per_step = step_flops(model, gbatch["input_ids"].shape[0], seq_len, data.slots.tokens,
                                       trainable_mode=c.train.trainable, encoder_frames=int(frames),
                                       head_positions=cfglib.loss_positions(c))
-        new_trainable, new_opt, m = compiled(trainable, opt_state, frozen, gbatch, jnp.asarray(step, jnp.int32))
+        carried = ()
+        if carry is not None:  # the previous epoch's leftover micro-batches' gradients (zeros when none)
+          carried = (no_carry if left is None else carry_grads_fn(
+              trainable, frozen, sharding.global_batch(left, mesh), jnp.asarray((num_steps + step) * accum))[0],)
+        new_trainable, new_opt, m = compiled(trainable, opt_state, frozen, gbatch, jnp.asarray(step, jnp.int32),
+                                             *carried)
         loss = float(m["loss"])
         if not bool(m["finite"]):
           raise NonFiniteLoss(
@@ -261,7 +276,7 @@ def run(c, workdir: str) -> dict[str, Any]:
             print(f"\nstep {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
         if step % c.save_every == 0 or step == num_steps or stop["stop"]:
           ckpt.save(step, trainable=trainable, opt_state=opt_state,
-                    data_state=gather_data_state(data.get_train_state(train_it)),
+                    data_state=gather_data_state(carry.data_state() if carry else data.get_train_state(train_it)),
                     config_json=c.to_json_best_effort(),
                     frozen_ref=frozen_ref, metrics=metrics_for_ckpt, force=True)
         if step == fault_kill:

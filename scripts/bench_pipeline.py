@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     write_s = time.perf_counter() - t0
     it = pipeline.make_dataset(
         files, tokenizer=tok, prompt_cfg=prompts.PromptConfig(), batch_size=args.batch_size, seed=0,
-        n_audio_tokens=3, max_len=256, layout=args.layout, use_features=args.features,
+        audio_slots=3, max_len=256, tokens_of_samples=lambda n: 3, layout=args.layout, use_features=args.features,
         process_index=0, process_count=1, worker_count=args.workers, num_threads=args.threads,
         prefetch=args.prefetch, audio_samples=samples)
     t0 = time.perf_counter()

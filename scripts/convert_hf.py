@@ -2,8 +2,8 @@
 
   python scripts/convert_hf.py --mert DIR --llm DIR_OR_GGUF --out DIR [--dtype float32|bfloat16]
 
-Writes OUT/params/{encoder,llm} (Orbax), OUT/encoder_config.json, OUT/llm_config.json, OUT/tokenizer/ and
-OUT/meta.json; read it back with `musilingo_jax.convert.load_converted(OUT)`. Tensors are read one at a
+Writes OUT/params/{encoder,llm} (Orbax), OUT/encoder_config.json, OUT/llm_config.json, OUT/tokenizer/,
+OUT/preprocessor_config.json (MERT's feature extractor settings: do_normalize) and OUT/meta.json; read it back with `musilingo_jax.convert.load_converted(OUT)`. Tensors are read one at a
 time, so host memory stays near one copy of the model.
 """
 

@@ -10,7 +10,8 @@ factual accuracy per question kind (demo set); writes OUT/eval.json (with every 
 audio through the encoder). --dataset reads a release directly (audio decoded and cropped as precompute does,
 deterministic "start" crops). Sampling defaults are the reference's; --greedy for argmax decoding.
 BERTScore uses --bertscore-model (a local roberta-large directory for numbers comparable with published
-ones) or all-MiniLM-L6-v2 (labelled); --no-bertscore skips it.
+ones) or all-MiniLM-L6-v2 (labelled); --no-bertscore skips it. The frozen weights load in --dtype (default
+bfloat16), split over all local devices.
 """
 
 from __future__ import annotations
@@ -78,11 +79,12 @@ def release_examples(dataset: str, data_dir: str, split: str, limit: int | None)
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    from musilingo_jax.build import load_for_inference, prompt_config
+    from musilingo_jax.build import format_memory_report, load_for_inference, memory_report, prompt_config
   except ImportError as e:
     sys.exit(f"evaluate: musilingo_jax.build.load_for_inference is not available ({e})")
   model, tokenizer, config = load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
-                                                projection=args.projection)
+                                                projection=args.projection, dtype=args.dtype)
+  print(f"evaluate: {format_memory_report(memory_report(model))}", flush=True)
   prompt_cfg = prompt_config(config) if config is not None else prompts.PromptConfig()
   if args.records:
     examples = records_examples(args.records, args.split, args.limit)

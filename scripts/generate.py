@@ -7,7 +7,8 @@
 
 --projection takes our checkpoint's projection or a released MusiLingo .pth ({"model": {"llama_proj.weight",
 "llama_proj.bias"}}). Sampling defaults are the reference's (temperature 0.1, top_p 0.5, 300 new tokens).
---json prints one JSON object: question, answer, raw_text, token_ids.
+--json prints one JSON object: question, answer, raw_text, token_ids. The frozen weights load in --dtype
+(default bfloat16), split over all local devices; the memory line goes to stderr.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ def main(argv=None) -> int:
     from musilingo_jax.build import load_for_inference
   except ImportError as e:
     sys.exit(f"generate: musilingo_jax.build.load_for_inference is not available ({e})")
+  from musilingo_jax.build import format_memory_report, memory_report
   model, tokenizer, config = load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
-                                                projection=args.projection)
+                                                projection=args.projection, dtype=args.dtype)
+  print(f"generate: {format_memory_report(memory_report(model))}", file=sys.stderr, flush=True)
   prompt_cfg = prompts.PromptConfig()
   if config is not None:
     from musilingo_jax.build import prompt_config

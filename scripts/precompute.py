@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--features-dtype", default="float16", choices=("float16", "float32"))
   p.add_argument("--pool-frames", type=int, default=325, help="frames per audio token (reference: 325)")
   p.add_argument("--encoder-dtype", default="float32", help="compute dtype for the encoder")
+  p.add_argument("--do-normalize", default=None, action=argparse.BooleanOptionalAction,
+                 help="musicinstruct/musiccaps features: whether MERT's feature extractor standardises each clip "
+                      "(default: do_normalize of the encoder directory's preprocessor_config.json)")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   if bool(args.encoder) != bool(args.features):
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
       musicinstruct_file=args.musicinstruct_file, audio_dtype=args.audio_dtype, shard_size=args.shard_size,
       workers=args.workers, seed=args.seed, crop=args.crop, min_seconds=args.min_seconds,
       max_text_chars=args.max_text_chars, features=args.features, features_dtype=args.features_dtype,
-      encoder=args.encoder, pool_frames=args.pool_frames, progress=not args.no_progress)
+      encoder=args.encoder, pool_frames=args.pool_frames, progress=not args.no_progress,
+      do_normalize=args.do_normalize)
   encoder_fn = None
   if args.encoder:
     encoder = records.load_encoder(args.encoder, dtype=args.encoder_dtype)

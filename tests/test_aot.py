@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("libtpu", reason='libtpu is not installed (pip install "jax[tpu]==' + jax.__version__
                     + '"): AOT compilation for TPU topologies needs it')
 
+from musilingo_jax.models.mert import MERTConfig  # noqa: E402
 from musilingo_jax import aot  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,11 +74,16 @@ def test_dp_replicates_lora(devices):
 
 def test_batch_shapes_audio_window():
   c = _config("musicqa", rules="dp", shape=(-1, 1, 1), use_features=False)
-  shapes = aot.batch_shapes(c, 1024)
-  assert shapes["audio"][0] == (8, 372_000)  # 15.5 s at 24 kHz, rows = batch_size * accum_steps
+  enc = MERTConfig.mert_v1_330m()
+  shapes = aot.batch_shapes(c, enc)
+  # The longest MusicQA clip: 372,000 samples of a 16 kHz file = 23.25 s at 24 kHz; rows = batch * accum.
+  assert shapes["audio"][0] == (8, 558_000) and shapes["audio_pad_len"][0] == (8,)
   assert shapes["input_ids"][0] == (8, 64) and shapes["valid"][0] == (8,) and "features" not in shapes
+  assert shapes["audio_tokens"][0] == (8,)
   c.data.use_features = True
-  assert aot.batch_shapes(c, 1024)["features"][0] == (8, 4, 1024)
+  assert aot.batch_shapes(c, enc)["features"][0] == (8, 6, 1024)  # 1743 frames -> ceil(1743 / 325) = 6
+  c.data.n_audio_tokens = 8  # an explicit, wider bound
+  assert aot.batch_shapes(c, enc)["features"][0] == (8, 8, 1024)
 
 
 def test_oom_message_is_parsed():

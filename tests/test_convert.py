@@ -397,8 +397,13 @@ def _run_script(name, args):
 
 def test_convert_script_and_load_converted_fsdp(tmp_path, llm_dirs, enc_dir):
   out = tmp_path / "converted"
-  assert _run_script("convert_hf", ["--mert", enc_dir, "--llm", llm_dirs["sharded"], "--out", out,
+  mert_dir = tmp_path / "mert"  # the MERT directory with its feature extractor settings
+  shutil.copytree(enc_dir, mert_dir)
+  transformers.Wav2Vec2FeatureExtractor(sampling_rate=24000, do_normalize=False).save_pretrained(str(mert_dir))
+  assert _run_script("convert_hf", ["--mert", mert_dir, "--llm", llm_dirs["sharded"], "--out", out,
                                     "--no-progress"]) == 0
+  from musilingo_jax.data import audio as audio_lib
+  assert audio_lib.read_do_normalize(out) is False  # preprocessor_config.json kept beside the params
   # The sharded dir has no tokenizer; convert again from the one that has.
   assert _run_script("convert_hf", ["--llm", llm_dirs["single"], "--out", tmp_path / "llm_only",
                                     "--dtype", "bfloat16", "--no-progress"]) == 0

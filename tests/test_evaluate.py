@@ -3,8 +3,9 @@
 import json
 
 import numpy as np
+import pytest
 
-from musilingo_jax import evaluate
+from musilingo_jax import evaluate, metrics
 from test_generate import D_ENC, N_AUDIO, models
 
 
@@ -51,6 +52,15 @@ def test_evaluate_reports_labelled_metrics_and_predictions(tmp_path):
   assert res["factual"]["factual_accuracy[all]"].n == 2
   assert res["predictions"][1]["fact"] == "120" and "fact" not in res["predictions"][2]
   assert res["settings"]["n_audio_tokens"] == N_AUDIO and res["settings"]["greedy"] is True
+  # The reference table scores the answers as the reference post-processes them, the corrected one the clean
+  # answers (CharTokenizer has no SentencePiece model: its decode with special tokens kept stands in).
+  ref_preds = [p["reference_prediction"] for p in res["predictions"]]
+  preds = [p["prediction"] for p in res["predictions"]]
+  refs = [p["reference"] for p in res["predictions"]]
+  assert res["reference"]["bleu_char_4gram (reference)"].value == pytest.approx(
+      np.mean([metrics.bleu_char_4gram(p, r) for p, r in zip(ref_preds, refs)]))
+  assert res["corrected"]["bleu1_word (corrected)"].value == pytest.approx(
+      np.mean([metrics.bleu1_word(p, r) for p, r in zip(preds, refs)]))
 
   zero = evaluate.evaluate(ours, CharTokenizer(), exs, zero_audio=True, **kw)
   assert [p["prediction"] for p in zero["predictions"]] != [p["prediction"] for p in res["predictions"]]

@@ -1,6 +1,7 @@
 """Generation: parity with transformers' greedy generate, cache vs full forward, padding, stops, sampling."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -183,6 +184,66 @@ def test_postprocess_as_reference():
   assert gen.postprocess([11, 2], tok, keep_special_text=True)[1] == "w11 </s>"
 
 
+def _llama_tokenizer():
+  from musilingo_jax import assets
+  from musilingo_jax.tokenizer import Tokenizer
+  try:
+    return Tokenizer.from_dir(assets.llama_tokenizer_dir())
+  except assets.AssetUnavailable as e:
+    pytest.skip(str(e))
+
+
+# What the reference's qa.py answer() returns for generate() output [start] + ids, computed with the real
+# LLaMA tokenizer under transformers 4.28.0 (the reference's pin; slow LlamaTokenizer, pad = eos).
+# (ids as text, start 1 -> answer, start 0 -> answer); ids: [0] <unk>, [1] <s>, [2] </s>, 835 / 2277 29937 "###".
+REFERENCE_ANSWERS = [
+    ([739, 338, 263, 11210, 29889, 2], "It is a guitar.</s>", "It is a guitar.</s>"),
+    ([0, 739, 338, 263, 11210, 29889, 2], "<unk> It is a guitar.</s>", "<unk> It is a guitar.</s>"),
+    ([1, 319, 5232, 11914, 8424, 835], "<s>A slow piano piece", "A slow piano piece"),
+    ([0, 1, 29258, 29892, 5172, 11413, 2], "<unk><s> Bright, fast tempo</s>", "<unk><s> Bright, fast tempo</s>"),
+    ([4007, 22137, 29901, 263, 11914, 29892, 306, 1348, 2], "a piano, I think</s>", "a piano, I think</s>"),
+    ([512, 315, 4655, 2277, 29937], "In C major", "In C major"),
+    ([21772, 2, 29871, 769, 901, 835], "Sad</s> then more", "Sad</s> then more"),
+]
+
+
+def test_reference_answer_is_what_the_reference_scores():
+  tok = _llama_tokenizer()
+  for ids, start1, start0 in REFERENCE_ANSWERS:
+    assert gen.reference_answer(ids, tok) == start1, ids
+    assert gen.reference_answer(ids, tok, start_id=0) == start0, ids
+  # The clean answer (corrected metrics) drops a leading <unk>/<s> and every special token.
+  assert gen.postprocess(REFERENCE_ANSWERS[0][0], tok)[1] == "It is a guitar."
+  assert gen.postprocess(REFERENCE_ANSWERS[3][0], tok)[1] == "Bright, fast tempo"
+  assert gen.postprocess(REFERENCE_ANSWERS[2][0], tok)[1] == "A slow piano piece"
+
+
+def test_reference_decode_follows_the_tokenizer_files(tmp_path):
+  """Old Vicuna-v0 files name </s> for BOS, EOS and UNK: then only "</s>" is special to transformers 4.28
+  and <unk>/<s> decode through SentencePiece; an added token is its own piece, joined by spaces."""
+  import shutil
+  from musilingo_jax.tokenizer import Tokenizer
+  src = _llama_tokenizer()
+  v0 = tmp_path / "v0"
+  v0.mkdir()
+  (v0 / "tokenizer.model").write_bytes(src._sp.serialized_model_proto())
+  names = json.dumps({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"})
+  (v0 / "special_tokens_map.json").write_text(names)
+  (v0 / "tokenizer_config.json").write_text(names)
+  tok = Tokenizer.from_dir(v0)
+  # Expected strings: transformers 4.28.0 LlamaTokenizer.decode on the same files.
+  assert gen.reference_decode([0, 1, 29258, 29892, 5172, 11413, 2], tok) == "  \u2047  Bright, fast tempo</s>"
+  assert gen.reference_decode([1, 319, 5232, 11914, 8424, 2], tok) == " A slow piano piece</s>"
+  added = tmp_path / "added"
+  shutil.copytree(v0, added)
+  names = json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+  (added / "special_tokens_map.json").write_text(names)
+  (added / "tokenizer_config.json").write_text(names)
+  (added / "added_tokens.json").write_text(json.dumps({"[PAD]": 32000}))
+  tok = Tokenizer.from_dir(added)
+  assert gen.reference_decode([739, 338, 32000, 263, 4023, 29886, 2], tok) == "It is [PAD]  a harp</s>"
+
+
 def test_generate_end_to_end_text():
   ours, _ = models()
   batch = prompt()
@@ -192,6 +253,7 @@ def test_generate_end_to_end_text():
                          stop_sequences=((stop,),), eos_ids=())
   assert results[0].token_ids == free[0, :5].tolist()
   assert (results[0].raw_text, results[0].text) == gen.postprocess(free[0, :5], WordTokenizer())
+  assert results[0].reference_text == gen.reference_answer(free[0, :5], WordTokenizer())
 
 
 def test_sampling_is_seeded():

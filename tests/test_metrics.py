@@ -70,6 +70,21 @@ def test_reference_and_corrected_agree_with_the_libraries(both):
   assert "bertscore_recall[all-MiniLM-L6-v2 L6] (reference)" in both
 
 
+def test_reference_metrics_score_the_reference_answer_strings(both):
+  """The reference's own answers (e.g. "</s>" kept after an EOS) feed the reference table only."""
+  ref_preds = [p + "</s>" for p in PREDS]
+  mixed = metrics.text_metrics(PREDS, REFS, reference_preds=ref_preds)
+  as_reference = metrics.text_metrics(ref_preds, REFS, which=("reference",))
+  assert set(mixed) == set(both)
+  for label, m in mixed.items():
+    want = as_reference[label] if label.endswith("(reference)") else both[label]
+    assert m.value == pytest.approx(want.value, abs=1e-6), label
+    assert m.column == want.column
+  assert mixed["bleu_char_4gram (reference)"].value != both["bleu_char_4gram (reference)"].value
+  with pytest.raises(ValueError, match="1 predictions but 4 references"):
+    metrics.text_metrics(PREDS, REFS, reference_preds=ref_preds[:1])
+
+
 def test_bertscore_matches_bert_score(both):
   bert_score = pytest.importorskip("bert_score")
   enc = metrics.resolve_bertscore_encoder()

@@ -207,3 +207,93 @@ def test_encoder_features(tmp_path):
   loaded = records.load_encoder(convert.export_encoder_hf(encoder, tmp_path / "enc"))
   for a, b in zip(jax.tree.leaves(nnx.state(encoder, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+@pytest.mark.parametrize("do_normalize", [True, False])
+def test_extractor_input_is_wav2vec2_feature_extractor(tmp_path, dtype, do_normalize):
+  """A .npy clip as the reference's MusicInstruct / MusicCaps loader hands it to MERT's feature extractor:
+  raw values cast to float32 (int16 NOT rescaled), then Wav2Vec2FeatureExtractor with do_normalize."""
+  import torch
+  from transformers import Wav2Vec2FeatureExtractor
+  from musilingo_jax.data import audio as audio_lib
+  rng = np.random.default_rng(3)
+  x = (0.2 + 0.3 * rng.standard_normal(24_000)).clip(-1, 1)
+  raw = (x * 32767).astype(np.int16) if dtype == "int16" else x.astype(np.float32)
+  path = tmp_path / "clip.npy"
+  np.save(path, raw)
+  ours_float, rate = audio_lib.read_audio(path, 24_000)  # [-1, 1] floats for every format
+  scale = audio_lib.reference_input_scale(path)
+  assert scale == (32768.0 if dtype == "int16" else 1.0)
+  got = audio_lib.extractor_input(ours_float, do_normalize=do_normalize, scale=scale)
+  fe = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=24_000, padding_value=0.0, do_normalize=do_normalize,
+                                return_attention_mask=True)
+  # The reference: torch.from_numpy(raw_audio).float() (resampling is the identity at 24 kHz), then the extractor.
+  want = np.asarray(fe(torch.from_numpy(raw).float(), sampling_rate=24_000, return_tensors="np")["input_values"][0])
+  assert got.dtype == np.float32 and want.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  # The same as handing the extractor the array itself (an int16 array comes back unscaled).
+  direct = np.asarray(fe(raw, sampling_rate=24_000)["input_values"][0], np.float64)
+  np.testing.assert_allclose(got, direct, rtol=1e-5, atol=1e-5 if do_normalize else 0)
+  if dtype == "int16" and not do_normalize:
+    np.testing.assert_array_equal(got, raw.astype(np.float32))
+  if do_normalize:
+    assert abs(float(got.mean())) < 1e-5 and abs(float(got.std()) - 1) < 1e-4
+
+
+def test_read_do_normalize(tmp_path):
+  from musilingo_jax.data import audio as audio_lib
+  assert audio_lib.read_do_normalize(tmp_path) is None and audio_lib.read_do_normalize(None) is None
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "sampling_rate": 24000}))
+  assert audio_lib.read_do_normalize(tmp_path) is False
+  assert audio_lib.extractor_do_normalize(tmp_path, "musicinstruct") is False
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps({"sampling_rate": 24000}))
+  assert audio_lib.read_do_normalize(tmp_path) is True  # transformers' default
+  assert audio_lib.extractor_do_normalize(None, "musiccaps") is True  # random encoder: the default
+  assert audio_lib.extractor_do_normalize(tmp_path / "nowhere", "musicqa") is False  # never through the extractor
+  with pytest.raises(ValueError, match="preprocessor_config.json is missing"):
+    audio_lib.extractor_do_normalize(tmp_path / "nowhere", "musicinstruct")
+
+
+def _musicinstruct_int16(base: Path) -> Path:
+  (base / "MusicCaps_audio").mkdir(parents=True)
+  np.save(base / "MusicCaps_audio" / "ok.npy", (_tone(1.5, 24_000) * 32767).astype(np.int16))
+  qa = [{"ytid": "ok", "sampling_rate": 24_000, "question": "q", "answer": "a", "is_audioset_eval": False}]
+  (base / "MusicInstruct").mkdir()
+  (base / "MusicInstruct" / "music_instruct.json").write_text(json.dumps({"QA": qa}))
+  return base
+
+
+@pytest.mark.parametrize("do_normalize", [True, False])
+def test_musicinstruct_features_see_the_extractor_output(tmp_path, do_normalize):
+  """The encoder gets the clip as the reference's extractor returns it; do_normalize from the encoder
+  directory's preprocessor_config.json; the record keeps input_scale for the raw-audio path."""
+  from musilingo_jax.data import audio as audio_lib
+  base = _musicinstruct_int16(tmp_path / "music_data")
+  enc_dir = tmp_path / "converted"
+  enc_dir.mkdir()
+  seen = []
+
+  def encoder_fn(window):  # [S] -> [1, 3]: what the encoder was given, summarised
+    seen.append(np.array(window))
+    return np.asarray([[window.mean(), window.std(), np.abs(window).max()]], np.float32)
+
+  cfg = dict(dataset="musicinstruct", data_dir=str(base), split="train", features="also", encoder=str(enc_dir),
+             features_dtype="float32", progress=False)
+  with pytest.raises(ValueError, match="preprocessor_config.json"):
+    records.precompute(records.PrecomputeConfig(out_dir=str(tmp_path / "none"), **cfg), encoder_fn)
+  (enc_dir / "preprocessor_config.json").write_text(json.dumps({"do_normalize": do_normalize}))
+  report = records.precompute(records.PrecomputeConfig(out_dir=str(tmp_path / "o"), **cfg), encoder_fn)
+  assert report["extractor_normalize"] is do_normalize
+  (r,) = _read(records.shard_files(tmp_path / "o", "train")[0])
+  assert r["input_scale"] == 32768.0
+  raw = np.load(base / "MusicCaps_audio" / "ok.npy").astype(np.float32)  # no resampling at 24 kHz
+  want = audio_lib.extractor_input(raw, do_normalize=do_normalize)
+  np.testing.assert_allclose(seen[-1], want, rtol=1e-6, atol=1e-6 if do_normalize else 0)
+  if not do_normalize:
+    assert r["features"][0, 2] == np.abs(raw).max() > 9000  # raw int16 magnitudes reach MERT
+  # Given explicitly, do_normalize wins over the file.
+  records.precompute(records.PrecomputeConfig(out_dir=str(tmp_path / "x"), do_normalize=not do_normalize, **cfg),
+                     encoder_fn)
+  np.testing.assert_allclose(seen[-1], audio_lib.extractor_input(raw, do_normalize=not do_normalize),
+                             rtol=1e-6, atol=1e-6)

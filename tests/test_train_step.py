@@ -19,6 +19,7 @@ from musilingo_jax import prompts, sharding
 from musilingo_jax import train as trainlib
 from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig, causal_lm_loss, pooled_features
+from musilingo_jax import torch_reference as tr
 from musilingo_jax.torch_reference import TorchMusiLingo
 from musilingo_jax.torch_reference import reference_loss as _torch_reference_loss
 
@@ -371,3 +372,92 @@ def test_weight_decay_never_touches_the_bias():
   updates, _ = tx.update(zero_grads, tx.init(params), params)
   np.testing.assert_array_equal(np.asarray(updates["bias"]), 0.0)
   np.testing.assert_allclose(np.asarray(updates["kernel"]), -0.1 * 0.5, rtol=1e-6)
+
+
+def _mixed_examples(cfg, rng, rows):
+  """Rows with different question, answer and clip lengths (clips of 1 to 3 audio tokens)."""
+  V = cfg.llm.vocab_size
+  exs = []
+  for i in range(rows):
+    n = int(rng.integers(1500, 6500))
+    exs.append({"before": rng.integers(3, V, 4).astype(np.int32),
+                "after": rng.integers(3, V, int(rng.integers(2, 9))).astype(np.int32),
+                "answer": rng.integers(3, V, int(rng.integers(2, 7))).astype(np.int32),
+                "clip": rng.standard_normal(n).astype(np.float32)})
+  return exs
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+@pytest.mark.parametrize("inputs", ["audio", "features"])
+def test_accumulated_micro_batches_match_the_reference_run_one_at_a_time(reference, accum, inputs):
+  """batch_size 2, accum_steps 2 and 4: each micro-batch is padded on its own (question padding, audio to its
+  longest clip, ceil(T_max / pool) audio tokens for every row) and the summed projection gradient and the
+  losses equal a PyTorch reference that runs the micro-batches one at a time, as the reference does."""
+  cfg, hub, lm, proj, ours = reference
+  rng = np.random.default_rng(11 + accum)
+  B, S, max_len = 2, 7000, 48
+  exs = _mixed_examples(cfg, rng, B * accum)
+  tokens = lambda n: math.ceil(cfg.encoder.feature_lengths(n) / POOL)  # noqa: E731
+  if inputs == "features":  # precomputed clip by clip at its own length (what scripts/precompute.py stores)
+    for e in exs:
+      e["features"] = np.asarray(pooled_features(ours.encoder, jnp.asarray(e["clip"])[None], POOL))[0]
+
+  micro, torch_losses = [], []
+  proj.zero_grad()
+  for a in range(accum):
+    part = exs[a * B:(a + 1) * B]
+    rows = []
+    for e in part:
+      row = {k: e[k] for k in ("before", "after", "answer")}
+      row["audio_tokens"] = tokens(len(e["clip"]))
+      if inputs == "audio":
+        row["audio"] = np.pad(e["clip"], (0, S - len(e["clip"])))
+        row["audio_len"] = np.int32(len(e["clip"]))
+      else:
+        row["features"] = np.pad(e["features"], ((0, 3 - len(e["features"])), (0, 0)))
+      rows.append(row)
+    mb = prompts.collate(rows, max_len=max_len, bos_id=BOS, pad_id=PAD)
+    assert (mb["audio_tokens"] == max(r["audio_tokens"] for r in rows)).all()
+    micro.append(mb)
+    if inputs == "audio":
+      audio, mask = tr.pad_clips([e["clip"] for e in part])
+      loss = _torch_reference_loss(hub, lm, proj, audio, part, POOL, audio_mask=mask)
+    else:  # the reference's extra tokens of a shorter clip are zero features here (docs: a labelled departure)
+      n = int(mb["audio_tokens"][0])
+      feats = np.stack([np.pad(e["features"], ((0, n - len(e["features"])), (0, 0))) for e in part])
+      loss = _torch_reference_loss(hub, lm, proj, None, part, POOL, features=feats)
+    loss.backward()  # gradients add up over the micro-batches (zeroed only after the optimizer step)
+    torch_losses.append(loss.item())
+  big = jax.tree.map(jnp.asarray, prompts.interleave_micro_batches(micro))
+
+  graphdef, trainable, frozen = trainlib.split_model(ours, "projection")
+  tx = optax.sgd(1.0)  # lr 1: the update is the summed gradient
+  step = jax.jit(trainlib.make_train_step(graphdef, tx, accum_steps=accum, accum_reduce="sum"))
+  new, _, m = step(trainable, tx.init(trainable), frozen, big, jnp.asarray(0))
+  np.testing.assert_allclose(float(m["loss"]), np.mean(torch_losses), rtol=1e-5)
+  for a in range(accum):  # each micro-batch's own loss, as the step takes it apart
+    mb = jax.tree.map(lambda x: x[a::accum], big)
+    np.testing.assert_allclose(float(_loss_fn(nnx.merge(graphdef, trainable, frozen), mb)), torch_losses[a],
+                               rtol=1e-5)
+  applied = jax.tree.map(lambda x, y: x - y, trainable, new)
+  np.testing.assert_allclose(np.asarray(applied["llama_proj"]["kernel"].get_value()), proj.weight.grad.numpy().T,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(applied["llama_proj"]["bias"].get_value()), proj.bias.grad.numpy(),
+                             rtol=1e-5, atol=1e-6)
+  proj.zero_grad()
+
+  # Laying out the accumulated batch in one piece (one padding for all rows) is not the reference.
+  rows_all = []
+  for e in exs:
+    row = {k: e[k] for k in ("before", "after", "answer")}
+    row["audio_tokens"] = tokens(len(e["clip"]))
+    if inputs == "audio":
+      row["audio"], row["audio_len"] = np.pad(e["clip"], (0, S - len(e["clip"]))), np.int32(len(e["clip"]))
+    else:
+      row["features"] = np.pad(e["features"], ((0, 3 - len(e["features"])), (0, 0)))
+    rows_all.append(row)
+  one = prompts.collate(rows_all, max_len=max_len, bos_id=BOS, pad_id=PAD)
+  wrong = jax.tree.map(lambda x: jnp.asarray(x).reshape((accum, B) + x.shape[1:]).swapaxes(0, 1)
+                       .reshape((-1,) + x.shape[1:]), one)
+  _, _, m_wrong = step(trainable, tx.init(trainable), frozen, wrong, jnp.asarray(0))
+  assert abs(float(m_wrong["loss"]) - np.mean(torch_losses)) > 1e-5

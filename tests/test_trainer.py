@@ -169,12 +169,13 @@ def test_export_from_a_run_loads_in_transformers(uninterrupted, tmp_path):
   workdir, _ = uninterrupted
   out = tmp_path / "exported"
   proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_pytorch.py"), "--workdir", str(workdir),
-                         "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+                         "--out", str(out), "--dtype", "float32"], env=_env(), capture_output=True, text=True,
+                        timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   sd = torch.load(out / "musilingo_checkpoint.pth", map_location="cpu", weights_only=True)["model"]
   import jax.numpy as jnp
   from musilingo_jax import build
-  model, _, _ = build.load_for_inference(workdir=str(workdir))
+  model, _, _ = build.load_for_inference(workdir=str(workdir), dtype="float32")
   params = _params(workdir, 4)
   np.testing.assert_array_equal(np.asarray(model.llama_proj.kernel[...]), params["kernel"])
   np.testing.assert_array_equal(np.asarray(model.llama_proj.bias[...]), params["bias"])

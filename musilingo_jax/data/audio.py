@@ -11,6 +11,13 @@ Order as in the reference: mono (mean over channels) -> crop/pad at the native r
 
 Every failure is a `BadAudio(reason, path)` with `reason` in `BAD_AUDIO_REASONS`, so callers can count
 and name skipped clips; nothing is replaced by another clip.
+
+MERT's feature extractor (docs/reference_details.md): the reference's MusicInstruct and MusicCaps loaders read the
+.npy clip as raw values cast to float (an int16 array is NOT rescaled to [-1, 1]), resample it and pass it
+through `Wav2Vec2FeatureExtractor`, which with the checkpoint's `do_normalize` standardises the clip on its
+own (zero mean, unit variance, 1e-7 added to the variance). `read_audio` returns [-1, 1] floats for every
+format; `reference_input_scale` is the factor back to the raw values, and `extractor_input` is the
+extractor's output for one clip. MusicQA and LP-MusicCaps-MSD clips never go through the extractor.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ NATIVE_WINDOW = {
     "demo": None,
 }
 CROP_MODES = ("random", "start", "center")
+# Data sets whose reference loader hands each clip to MERT's feature extractor.
+EXTRACTOR_DATASETS = ("musicinstruct", "musiccaps")
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # the feature extractor's settings in an HF MERT directory
 BAD_AUDIO_REASONS = ("missing_file", "unreadable", "empty", "too_short", "nan")
 
 
@@ -183,3 +193,65 @@ def load_window(path: str | os.PathLike, *, sample_rate: int | None = None, nati
   y = resample(x, rate, target_rate)
   length = min(len(y), math.ceil(true_native * target_rate / rate))
   return Window(audio=y, length=int(length), start=int(start), native_rate=rate)
+
+
+# ---- MERT's feature extractor, as the reference applies it -----------------------------------------------
+
+def reference_input_scale(path: str | os.PathLike) -> float:
+  """Factor from `read_audio`'s float samples to the values the reference's loader hands the feature
+  extractor: 2**(bits - 1) for a signed-integer .npy (read as raw integers cast to float; we divide by
+  that factor), 1 for a float .npy and for every decoded format (wav/mp3/... decode to [-1, 1] there too)."""
+  path = os.fspath(path)
+  if not path.lower().endswith(".npy"):
+    return 1.0
+  dtype = np.load(path, mmap_mode="r", allow_pickle=False).dtype
+  if np.issubdtype(dtype, np.signedinteger):
+    return float(-np.iinfo(dtype).min)
+  return 1.0
+
+
+def extractor_input(x: np.ndarray, *, do_normalize: bool, scale: float = 1.0) -> np.ndarray:
+  """`Wav2Vec2FeatureExtractor(do_normalize=do_normalize)(x * scale)["input_values"][0]` for one clip [S]
+  (no padding): float32; with do_normalize, (y - mean(y)) / sqrt(var(y) + 1e-7) over the clip, in float32
+  as the extractor computes it."""
+  y = np.asarray(x, np.float32)
+  if scale != 1.0:
+    y = y * np.float32(scale)
+  if do_normalize:
+    y = (y - y.mean()) / np.sqrt(y.var() + 1e-7)
+  return np.ascontiguousarray(y, np.float32)
+
+
+def read_do_normalize(directory: str | os.PathLike | None) -> bool | None:
+  """`do_normalize` of the feature extractor config (preprocessor_config.json) of a converted checkpoint
+  (scripts/convert_hf.py keeps MERT's) or an HF MERT directory; None when the file is not there. A file
+  without the key means transformers' default, True."""
+  if not directory:
+    return None
+  f = os.path.join(os.fspath(directory), PREPROCESSOR_CONFIG)
+  if not os.path.isfile(f):
+    return None
+  import json
+  with open(f, encoding="utf-8") as fh:
+    cfg = json.load(fh)
+  value = cfg.get("do_normalize", True)
+  if not isinstance(value, bool):
+    raise ValueError(f"{f}: do_normalize = {value!r}; expected true or false")
+  return value
+
+
+def extractor_do_normalize(directory: str | os.PathLike | None, dataset: str) -> bool:
+  """The do_normalize the reference's extractor applies to `dataset`'s clips with this MERT checkpoint:
+  False for data sets that skip the extractor; else the checkpoint's preprocessor_config.json, or
+  transformers' default (True, also MERT-v1-330M's setting) when no checkpoint is given (random encoder).
+  A checkpoint without the file is refused: its setting cannot be known."""
+  if dataset not in EXTRACTOR_DATASETS:
+    return False
+  value = read_do_normalize(directory)
+  if value is not None:
+    return value
+  if directory:
+    raise ValueError(f"{os.path.join(os.fspath(directory), PREPROCESSOR_CONFIG)} is missing: {dataset} clips go "
+                     "through MERT's feature extractor, whose do_normalize it holds. Re-run scripts/convert_hf.py "
+                     "(it keeps the file) or copy it from the MERT checkpoint")
+  return True

@@ -10,7 +10,9 @@ batches of the same shape (multi-host steps stay in lockstep):
   * a bad record (corrupt bytes, empty answer, text that does not fit `max_len`) keeps its row as a
     filler row (`valid` 0, no labels) and is counted by reason in `it.skipped`;
   * with `drop_remainder=False` the last global batch is filled up with filler rows (end of data).
-Audio is zero-padded (or cut) to a fixed `audio_samples`; features to `n_audio_tokens` frames.
+Audio is zero-padded to a fixed `audio_samples`, features to `audio_slots` rows (static shapes; never cut:
+a longer clip is an error). Each row says how many audio tokens it attends (`audio_tokens`).
+A batch of `accum_steps` micro-batches lays out each micro-batch on its own (`_Collate`).
 
 Layout note: `prompts.collate` runs on each process's own rows. With layout="packed" the union over
 processes equals the single-process global batch array for array; with layout="reference" the rows are the
@@ -35,6 +37,7 @@ import grain
 import numpy as np
 
 from musilingo_jax import prompts
+from musilingo_jax.data import audio as audio_lib
 from musilingo_jax.data import records
 
 SKIP_REASONS = ("corrupt_record", "empty_answer", "over_long_text")
@@ -105,23 +108,37 @@ class _ProcessRows(grain.MapDataset):
 
 
 class _Prepare:
-  """Record bytes -> the example dict `prompts.collate` takes (or a filler row with a skip reason)."""
+  """Record bytes -> the example dict `prompts.collate` takes (or a filler row with a skip reason).
 
-  def __init__(self, tokenizer, prompt_cfg, *, n_audio_tokens, max_len, audio_samples, use_features,
-               feature_dim, normalize_audio):
+  Each example carries its own clip's audio token count (`audio_tokens`): the rows of its precomputed
+  features, or ceil(frames(audio_len) / pool) for raw audio (`tokens_of_samples`). Features are
+  zero-padded to `audio_slots` rows and audio to `audio_samples`; nothing is ever cut: a clip that needs
+  more is an error naming the record (the slot bound comes from the precompute reports, so it means the
+  shards and their reports disagree).
+  """
+
+  def __init__(self, tokenizer, prompt_cfg, *, audio_slots, max_len, audio_samples, use_features,
+               feature_dim, normalize_audio, tokens_of_samples=None):
     self.tok, self.cfg = tokenizer, prompt_cfg
-    self.n_audio, self.max_len, self.samples = n_audio_tokens, max_len, audio_samples
+    self.slots, self.max_len, self.samples = audio_slots, max_len, audio_samples
     self.use_features, self.feature_dim, self.normalize = use_features, feature_dim, normalize_audio
+    self.tokens_of_samples = tokens_of_samples
 
   def filler(self, reason: str | None) -> dict:
     empty = np.zeros((0,), np.int32)
     ex = {"before": empty, "after": empty, "answer": empty, "valid": 0, "_skip": reason,
-          "audio_len": np.int32(0)}
+          "audio_len": np.int32(0), "audio_tokens": 0}
     if self.use_features:
-      ex["features"] = np.zeros((self.n_audio, self.feature_dim), np.float32)
+      ex["features"] = np.zeros((self.slots, self.feature_dim), np.float32)
     else:
       ex["audio"] = np.zeros((self.samples,), np.float32)
     return ex
+
+  def _too_long(self, rec: dict, what: str) -> ValueError:
+    return ValueError(
+        f"record {rec.get('id')!r} ({rec.get('source') or rec.get('dataset')}) needs {what}, more than the "
+        f"slot bound of this run (config.data.n_audio_tokens / the precompute reports' longest clip): the "
+        "shards and their {split}-report.json disagree; re-run scripts/precompute.py or raise the bound")
 
   def __call__(self, raw: bytes) -> dict:
     if raw == _END:
@@ -138,30 +155,43 @@ class _Prepare:
       raise ValueError(f"record {rec.get('id')!r} ({rec.get('dataset')}) has no question, but the prompt "
                        "config uses the instruction template: use PromptConfig(template=False) for captions")
     ex = prompts.encode_example(self.tok, question, answer, self.cfg)
-    if 1 + len(ex["before"]) + self.n_audio + len(ex["after"]) + len(ex["answer"]) > self.max_len:
-      return self.filler("over_long_text")
     n = int(rec.get("audio_len", 0))
     if self.use_features:
       if "features" not in rec:
         raise ValueError(f"record {rec.get('id')!r} has no features: precompute with --encoder/--features")
-      ex["features"] = _fit(np.asarray(rec["features"], np.float32), self.n_audio)
+      feats = np.asarray(rec["features"], np.float32)
+      if len(feats) > self.slots:
+        raise self._too_long(rec, f"{len(feats)} audio tokens")
+      n_tokens = len(feats)
+      ex["features"] = _fit(feats, self.slots)
     else:
       if "audio" not in rec:
         raise ValueError(f"record {rec.get('id')!r} has no audio (precomputed with --features only): "
                          "use use_features=True")
       stored = rec["audio"]
-      m = min(len(stored), self.samples)
+      if len(stored) > self.samples or n > self.samples:
+        raise self._too_long(rec, f"{max(len(stored), n)} audio samples > {self.samples}")
+      m = len(stored)
       audio = np.zeros((self.samples,), np.float32)  # one pass: cast into the padded row, then scale
-      audio[:m] = stored[:m]
+      audio[:m] = stored
       if stored.dtype == np.int16:
         audio[:m] *= np.float32(1 / 32767)
-      n = min(n, self.samples)
-      if self.normalize and n:
-        # Wav2Vec2FeatureExtractor(do_normalize=True) on the clip alone: zero mean, unit variance.
-        x = audio[:n]
-        audio = np.zeros_like(audio)
-        audio[:n] = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+      if rec.get("dataset") in audio_lib.EXTRACTOR_DATASETS and m:
+        # The reference passes these clips through MERT's feature extractor: back to the raw .npy values
+        # (input_scale), then, with the checkpoint's do_normalize, standardised over the clip alone.
+        audio[:m] = audio_lib.extractor_input(audio[:m], do_normalize=self.normalize,
+                                              scale=float(rec.get("input_scale", 1.0)))
       ex["audio"] = audio
+      # The clip as the reference's dataset hands it to the collater: the whole stored window (a file
+      # shorter than the dataset's native-rate window is zero-padded to it before resampling, and those
+      # zeros are audio to the reference, not padding).
+      n = m
+      n_tokens = int(self.tokens_of_samples(n))
+      if n_tokens > self.slots:
+        raise self._too_long(rec, f"{n_tokens} audio tokens")
+    if 1 + len(ex["before"]) + n_tokens + len(ex["after"]) + len(ex["answer"]) > self.max_len:
+      return self.filler("over_long_text")
+    ex["audio_tokens"] = n_tokens
     ex["audio_len"] = np.int32(n)
     ex["valid"] = 1
     ex["_skip"] = None
@@ -169,23 +199,39 @@ class _Prepare:
 
 
 class _Collate:
-  def __init__(self, tokenizer, *, n_audio_tokens, max_len, layout, filler):
-    self.kw = dict(n_audio_tokens=n_audio_tokens, max_len=max_len, bos_id=tokenizer.bos_id,
-                   pad_id=tokenizer.pad_id, layout=layout)
-    self.filler = filler
+  """This process's rows of one global batch -> `accum_steps` micro-batches, each laid out on its own (the
+  reference pads each micro-batch: middle padding and audio token count come from its own rows), then
+  interleaved as the train step takes them apart (`prompts.interleave_micro_batches`)."""
+
+  def __init__(self, tokenizer, *, max_len, layout, filler, pad_id, accum_steps=1):
+    self.kw = dict(max_len=max_len, bos_id=tokenizer.bos_id, pad_id=pad_id, layout=layout)
+    self.filler, self.accum = filler, accum_steps
+
+  def _one(self, examples: list[dict]) -> tuple[dict, list]:
+    if self.kw["layout"] == "reference":
+      # Middle padding to the micro-batch's longest segments can push a row past max_len: that row is skipped.
+      for _ in range(2):  # a skipped row may have set the longest segment: lay out the rest again
+        lb = max(len(e["before"]) for e in examples)
+        la = max(len(e["after"]) for e in examples)
+        n_audio = max(int(e["audio_tokens"]) for e in examples)
+        fixed = 1 + lb + n_audio + la
+        examples = [self.filler("over_long_text") if e["valid"] and fixed + len(e["answer"]) > self.kw["max_len"]
+                    else e for e in examples]
+    reasons = [e["_skip"] for e in examples if e["_skip"]]
+    return prompts.collate([{k: v for k, v in e.items() if k != "_skip"} for e in examples], **self.kw), reasons
 
   def __call__(self, examples: Sequence[dict]) -> dict:
     examples = list(examples)
-    if self.kw["layout"] == "reference":
-      # Middle padding to the batch's longest segments can push a row past max_len: that row is skipped.
-      lb = max(len(e["before"]) for e in examples)
-      la = max(len(e["after"]) for e in examples)
-      fixed = 1 + lb + self.kw["n_audio_tokens"] + la
-      examples = [self.filler("over_long_text") if e["valid"] and fixed + len(e["answer"]) > self.kw["max_len"]
-                  else e for e in examples]
-    reasons = tuple(e["_skip"] for e in examples if e["_skip"])
-    batch = prompts.collate([{k: v for k, v in e.items() if k != "_skip"} for e in examples], **self.kw)
-    batch["_skipped"] = reasons
+    if len(examples) % self.accum:
+      raise ValueError(f"{len(examples)} rows do not split into {self.accum} micro-batches")
+    per = len(examples) // self.accum
+    micro, reasons = [], []
+    for a in range(self.accum):
+      batch, why = self._one(examples[a * per:(a + 1) * per])
+      micro.append(batch)
+      reasons += why
+    batch = prompts.interleave_micro_batches(micro)
+    batch["_skipped"] = tuple(reasons)
     return batch
 
 
@@ -239,18 +285,30 @@ def set_state(it: BatchIterator, state: dict[str, Any]) -> None:
 
 
 def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, num_epochs: int | None = None, n_audio_tokens: int, max_len: int,
+                 shuffle: bool = True, num_epochs: int | None = None, audio_slots: int, max_len: int,
                  layout: str = "reference", use_features: bool = False, drop_remainder: bool = True,
                  process_index: int | None = None, process_count: int | None = None, worker_count: int = 0,
                  num_threads: int = 2, prefetch: int = 4, audio_samples: int | None = None,
-                 normalize_audio: bool = False) -> BatchIterator:
+                 normalize_audio: bool = False, accum_steps: int = 1, pad_id: int | None = None,
+                 tokens_of_samples=None) -> BatchIterator:
   """Batches of `batch_size` rows (per process) for this process. See the module docstring.
 
-  files: shard paths, a directory or a glob. num_epochs None repeats forever. audio_samples: fixed S of
-  `audio` (default: max_audio_samples from the precompute report beside the shards). worker_count > 0 runs
-  decode in Grain worker processes (the tokenizer must pickle; each costs ~3 s to start), else threads.
-  normalize_audio: per-clip zero-mean/unit-variance (a MERT processor with do_normalize=True).
+  files: shard paths, a directory or a glob. num_epochs None repeats forever. audio_slots: the static
+  number of audio-token slots (`features` rows; >= every clip's tokens, see `audio_slot_bound`).
+  audio_samples: fixed S of `audio` (default: max_audio_samples from the precompute report beside the
+  shards). accum_steps: the batch holds that many micro-batches, each laid out on its own. pad_id: the pad
+  token (default the tokenizer's eos: the reference pads with eos whatever the tokenizer files say).
+  tokens_of_samples: samples -> audio tokens of a clip (raw audio only; the encoder's frame count / pool).
+  worker_count > 0 runs decode in Grain worker processes (the tokenizer must pickle; each costs ~3 s to
+  start), else threads. normalize_audio: the MERT feature extractor's do_normalize (the checkpoint's
+  preprocessor_config.json, `audio.extractor_do_normalize`); raw audio of MusicInstruct / MusicCaps records
+  goes through the extractor as in the reference (`audio.extractor_input`: the record's input_scale, then
+  per-clip zero mean / unit variance when normalize_audio), other data sets' audio as stored.
   """
+  if batch_size % accum_steps:
+    raise ValueError(f"batch_size {batch_size} rows do not split into accum_steps={accum_steps} micro-batches")
+  if not use_features and tokens_of_samples is None:
+    raise ValueError("raw audio batches need tokens_of_samples (the encoder's frames per clip / pool_frames)")
   if process_index is None or process_count is None:
     import jax
     process_index = jax.process_index() if process_index is None else process_index
@@ -291,13 +349,14 @@ def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_si
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   ds = _ProcessRows(ds, batch_size, process_index, process_count, drop_remainder)
-  prepare = _Prepare(tokenizer, prompt_cfg, n_audio_tokens=n_audio_tokens, max_len=max_len,
+  prepare = _Prepare(tokenizer, prompt_cfg, audio_slots=audio_slots, max_len=max_len,
                      audio_samples=audio_samples, use_features=use_features, feature_dim=feature_dim,
-                     normalize_audio=normalize_audio)
+                     normalize_audio=normalize_audio, tokens_of_samples=tokens_of_samples)
   ds = ds.map(prepare)
   ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=_Collate(tokenizer, n_audio_tokens=n_audio_tokens, max_len=max_len, layout=layout,
-                                  filler=prepare.filler))
+                batch_fn=_Collate(tokenizer, max_len=max_len, layout=layout, filler=prepare.filler,
+                                  pad_id=tokenizer.eos_id if pad_id is None else pad_id,
+                                  accum_steps=accum_steps))
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch))
   if worker_count > 0:
     from absl import flags

@@ -9,8 +9,11 @@ Record = one msgpack map (schema 1); numpy arrays are maps {"__nd__": dtype.str,
   audio        int16 (x * 32767, clipped) or float16 [n] at 24 kHz, the crop/padded window; absent with
                features only
   audio_len    int, true (unpadded) samples at 24 kHz;  sample_rate  24000
+  input_scale  float, MusicInstruct / MusicCaps only: `audio` x input_scale is what the reference hands
+               MERT's feature extractor (2**15 for an int16 .npy, else 1; data/audio.py)
   source, source_rate, crop_start   the file, its native rate, and the crop start in native samples
-  features     float16/float32 [T', D] pooled encoder features of the stored window (optional)
+  features     float16/float32 [T', D] pooled encoder features of the stored window (optional); for
+               MusicInstruct / MusicCaps of the window as MERT's feature extractor passes it on
   kind, labels (JSON text)  when the annotation has them (demo set)
   extra        JSON text of the remaining annotation fields
 
@@ -142,6 +145,23 @@ class PrecomputeConfig:
   encoder: str | None = None       # recorded in the manifest (where the features came from)
   pool_frames: int = 325           # recorded in the manifest (encoder_fn applies it)
   progress: bool = True
+  # MERT feature extractor's do_normalize, for the features of MusicInstruct / MusicCaps clips (the data sets
+  # whose reference loader runs the extractor); None: read from the encoder directory's preprocessor_config.json.
+  do_normalize: bool | None = None
+
+  def extractor_normalize(self) -> bool | None:
+    """do_normalize applied before the encoder; None when the extractor does not apply (no features, or a
+    data set that skips it)."""
+    if not self.features or self.dataset not in audio_lib.EXTRACTOR_DATASETS:
+      return None
+    if self.do_normalize is not None:
+      return bool(self.do_normalize)
+    value = audio_lib.read_do_normalize(self.encoder)
+    if value is None:
+      raise ValueError(f"{self.dataset} features: the encoder directory {self.encoder!r} has no "
+                       f"{audio_lib.PREPROCESSOR_CONFIG} to say whether MERT's feature extractor normalises "
+                       "(do_normalize); convert the checkpoint again or pass do_normalize")
+    return value
 
   def resolved_crop(self) -> str:
     return self.crop or ("random" if self.split.lower() in TRAIN_SPLITS else "start")
@@ -155,7 +175,7 @@ class PrecomputeConfig:
             "features_dtype": self.features_dtype if self.features else None, "encoder": self.encoder,
             "pool_frames": self.pool_frames if self.features else None,
             "native_window": audio_lib.NATIVE_WINDOW[self.dataset], "num_samples": num_samples,
-            "num_shards": num_shards}
+            "num_shards": num_shards, "extractor_normalize": self.extractor_normalize()}
 
 
 class _ClipCache:
@@ -228,6 +248,8 @@ def precompute(cfg: PrecomputeConfig,
 
   crop = cfg.resolved_crop()
   window = audio_lib.NATIVE_WINDOW[cfg.dataset]
+  extractor = cfg.dataset in audio_lib.EXTRACTOR_DATASETS
+  normalize = manifest["extractor_normalize"]
   cache = _ClipCache(size=max(8, 2 * cfg.workers))
   features_cache: collections.OrderedDict = collections.OrderedDict()
 
@@ -250,13 +272,20 @@ def precompute(cfg: PrecomputeConfig,
       return sample, _skip(sample, err.reason, err.detail)
     except Exception as err:  # noqa: BLE001 - a corrupt input never stops the run
       return sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
+    if extractor:
+      try:
+        win = (win, audio_lib.reference_input_scale(sample.audio_source.path))
+      except Exception as err:  # noqa: BLE001 - as above
+        return sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
     return sample, win
 
-  def features_of(sample, win):
+  def features_of(sample, win, scale):
     key = (sample.audio_source.path, win.start)
     if key in features_cache:
       return features_cache[key]
-    feats = np.asarray(encoder_fn(win.audio), np.float32)
+    x = win.audio if normalize is None else audio_lib.extractor_input(win.audio, do_normalize=normalize,
+                                                                      scale=scale)
+    feats = np.asarray(encoder_fn(x), np.float32)
     if feats.ndim != 2:
       raise RuntimeError(f"encoder_fn must return [T', D] features, got shape {feats.shape}")
     features_cache[key] = feats
@@ -300,14 +329,17 @@ def precompute(cfg: PrecomputeConfig,
           if isinstance(res, dict):
             stats["skipped"].append(res)
             continue
+          res, scale = res if extractor else (res, 1.0)
           record = {"schema": SCHEMA, "id": sample.id, "dataset": cfg.dataset, "split": cfg.split,
                     "question": sample.question, "answer": sample.answer, "audio_len": res.length,
                     "sample_rate": audio_lib.TARGET_SR, "source": sample.audio_source.path,
                     "source_rate": res.native_rate, "crop_start": res.start}
+          if extractor:
+            record["input_scale"] = scale
           if cfg.features != "only":
             record["audio"] = quantize_audio(res.audio, cfg.audio_dtype)
           if cfg.features:
-            feats = features_of(sample, res)
+            feats = features_of(sample, res, scale)
             if not np.isfinite(feats).all():
               stats["skipped"].append(_skip(sample, "nan", "encoder features are not finite"))
               continue

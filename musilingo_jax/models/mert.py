@@ -218,10 +218,18 @@ class ChannelGroupNorm(nnx.Module):
     self.weight = param(None, nnx.initializers.ones, (channels,), ("conv_out",), param_dtype)
     self.bias = param(None, nnx.initializers.zeros, (channels,), ("conv_out",), param_dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, C]
+  def __call__(self, x: jax.Array, valid_frames: jax.Array | None = None) -> jax.Array:  # [B, T, C]
+    """valid_frames [B]: statistics over each row's first frames only (a batch zero-padded to a static
+    length normalises as if it had been padded only to `valid_frames`); None = all T frames."""
     xf = x.astype(jnp.float32)
-    mean = xf.mean(1, keepdims=True)
-    var = jnp.square(xf - mean).mean(1, keepdims=True)
+    if valid_frames is None:
+      mean = xf.mean(1, keepdims=True)
+      var = jnp.square(xf - mean).mean(1, keepdims=True)
+    else:
+      w = (jnp.arange(x.shape[1])[None, :] < valid_frames[:, None]).astype(jnp.float32)[:, :, None]
+      count = jnp.maximum(w.sum(1, keepdims=True), 1.0)
+      mean = (xf * w).sum(1, keepdims=True) / count
+      var = (jnp.square(xf - mean) * w).sum(1, keepdims=True) / count
     y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
     return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
@@ -242,9 +250,11 @@ class ConvLayer(nnx.Module):
     else:
       self.layer_norm = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, valid_frames: jax.Array | None = None) -> jax.Array:
     x = self.conv(x)
-    if self.layer_norm is not None:
+    if isinstance(self.layer_norm, ChannelGroupNorm):
+      x = self.layer_norm(x, valid_frames)
+    elif self.layer_norm is not None:
       x = self.layer_norm(x)
     return _gelu(x)
 
@@ -253,10 +263,17 @@ class FeatureEncoder(nnx.Module):
   def __init__(self, cfg: MERTConfig, *, rngs: nnx.Rngs):
     self.conv_layers = nnx.List([ConvLayer(cfg, i, rngs=rngs) for i in range(len(cfg.conv_dim))])
 
-  def __call__(self, input_values: jax.Array) -> jax.Array:  # [B, S] -> [B, T, C]
+  def __call__(self, input_values: jax.Array, pad_samples: jax.Array | None = None) -> jax.Array:
+    """[B, S] -> [B, T, C]. pad_samples [B]: the length each row's audio was zero-padded to in a batch of
+    unequal clips (only GroupNorm after conv 0 sees it: its statistics run over that length, as for an
+    input of exactly that many samples); None = S."""
     x = input_values[:, :, None]
-    for layer in self.conv_layers:
-      x = constrain(layer(x))
+    for i, layer in enumerate(self.conv_layers):
+      valid = None
+      if i == 0 and pad_samples is not None:
+        k, s = layer.conv.kernel.shape[0], layer.conv.stride
+        valid = (pad_samples.astype(jnp.int32) - k) // s + 1
+      x = constrain(layer(x, valid))
     return x
 
 
@@ -470,14 +487,18 @@ class MERT(nnx.Module):
 
   def __call__(self, input_values: jax.Array, attention_mask: jax.Array | None = None, *,
                mask_time_indices: jax.Array | None = None, deterministic: bool | None = None,
-               rngs: nnx.Rngs | jax.Array | None = None) -> list[jax.Array]:
+               rngs: nnx.Rngs | jax.Array | None = None, pad_samples: jax.Array | None = None) -> list[jax.Array]:
     """input_values [B, S] float waveform; attention_mask [B, S] (1 = real sample) or None.
+
+    pad_samples [B]: with a static S longer than the batch needs, the length the batch would have been
+    padded to (its longest clip): the outputs at frames before that length then equal a run on exactly
+    that many samples (see FeatureEncoder).
 
     mask_time_indices [B, T] bool: explicit frames to replace by masked_spec_embed (as HF, in any mode).
     Returns cfg.num_hidden_states arrays [B, T, hidden] in `cfg.dtype`; with a mask, padded frames hold junk.
     """
     cfg = self.cfg
-    x = self.feature_extractor(input_values)  # [B, T, C]
+    x = self.feature_extractor(input_values, pad_samples)  # [B, T, C]
     t = x.shape[1]
     frame_mask = None if attention_mask is None else self.frame_mask(attention_mask, t)
     x = self.feature_projection(x)  # [B, T, D]

@@ -1,11 +1,12 @@
 """MusiLingo: frozen MERT -> mean over all hidden states -> temporal mean pooling -> llama_proj -> frozen LLM.
 
-SPEC.md section 1, exactly:
+The reference's composition (docs/reference.md), exactly:
   * all encoder hidden states (25 for MERT-330M) are averaged -> [B, T, D_enc] at 75 frames/s;
   * non-overlapping mean over windows of `pool_frames` (t = 325) frames; a shorter leftover window is
     one more token, so T' = ceil(T / t); padded frames are included in the mean (no mask-aware pooling);
   * `llama_proj = Linear(D_enc, D_llm, bias=True)`: the only trainable parameters in the reference;
-  * the projected audio tokens replace the audio slots of the token sequence built by `prompts.collate`.
+  * the projected audio tokens fill the audio positions of the token sequence built by `prompts.collate`
+    (`audio_tokens` per row; a static array may hold more slots than a row uses, never spliced).
 
 Optional, off in the reference presets: a fixed per-dimension standardisation of the projection's input
 (`set_feature_norm`, statistics of the training set's pooled features). A random encoder's features share
@@ -41,39 +42,65 @@ class MusiLingoConfig:
   lora: layers.LoRAConfig | None = None
 
 
-def num_audio_tokens(num_frames: int, pool_frames: int) -> int:
-  return math.ceil(num_frames / pool_frames)
+def pool_time(h: jax.Array, pool_frames: int, num_frames: jax.Array | None = None) -> jax.Array:
+  """[B, T, D] -> [B, ceil(T / t), D]: mean over full windows of t frames, then the leftover window.
 
-
-def pool_time(h: jax.Array, pool_frames: int) -> jax.Array:
-  """[B, T, D] -> [B, ceil(T / t), D]: mean over full windows of t frames, then the leftover window."""
+  num_frames [B]: pool only each row's first frames (a batch padded to a static T pools as if it had
+  T = num_frames: windows past it come out zero, the leftover window averages only frames before it).
+  """
   B, T, D = h.shape
-  n_full = T // pool_frames
-  parts = []
-  if n_full:
-    parts.append(h[:, :n_full * pool_frames].reshape(B, n_full, pool_frames, D).mean(axis=2))
-  if T % pool_frames:
-    parts.append(h[:, n_full * pool_frames:].mean(axis=1, keepdims=True))
-  return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+  if num_frames is None:
+    n_full = T // pool_frames
+    parts = []
+    if n_full:
+      parts.append(h[:, :n_full * pool_frames].reshape(B, n_full, pool_frames, D).mean(axis=2))
+    if T % pool_frames:
+      parts.append(h[:, n_full * pool_frames:].mean(axis=1, keepdims=True))
+    return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+  n_win = -(-T // pool_frames)
+  h = jnp.pad(h, ((0, 0), (0, n_win * pool_frames - T), (0, 0)))
+  w = (jnp.arange(n_win * pool_frames)[None, :] < num_frames[:, None]).astype(h.dtype)  # [B, T_pad]
+  sums = (h * w[..., None]).reshape(B, n_win, pool_frames, D).sum(axis=2)
+  counts = w.reshape(B, n_win, pool_frames).sum(axis=2)[..., None]
+  return sums / jnp.maximum(counts, 1.0)
 
 
-def pooled_features(encoder: MERT, audio: jax.Array, pool_frames: int,
-                    attention_mask: jax.Array | None = None) -> jax.Array:
-  """Raw 24 kHz audio [B, S] -> pooled encoder features [B, T', D_enc] in float32.
+def pooled_features(encoder: MERT, audio: jax.Array, pool_frames: int, audio_len: jax.Array | None = None,
+                    pad_len: jax.Array | None = None) -> jax.Array:
+  """Raw 24 kHz audio [B, S] -> pooled encoder features [B, ceil(T / t), D_enc] in float32.
 
   The same function serves the step (encoder inside) and precompute (once per clip), so both give the
   same numbers. Mean over hidden states is taken in float32.
+
+  audio_len [B] (true samples) and pad_len [B] (the length the row's batch was zero-padded to: its longest
+  clip) reproduce the reference's padded batch inside a static S >= pad_len: an attention mask from
+  audio_len, GroupNorm statistics and pooling over pad_len's frames (padded frames included in the mean,
+  as the reference does). Token k of a row is then exactly the reference's; tokens past
+  ceil(frames(pad_len) / t) are zero and never spliced (see `splice`).
   """
-  states = encoder(audio, attention_mask=attention_mask)
+  if audio_len is None:
+    states = encoder(audio)
+    num_frames = None
+  else:
+    pad_len = audio_len if pad_len is None else pad_len
+    mask = jnp.arange(audio.shape[1])[None, :] < audio_len[:, None]
+    states = encoder(audio, attention_mask=mask, pad_samples=pad_len)
+    num_frames = encoder.feature_lengths(pad_len.astype(jnp.int32))
   mean = sum(s.astype(jnp.float32) for s in states) / len(states)  # [B, T, D_enc]
-  return pool_time(mean, pool_frames)
+  return pool_time(mean, pool_frames, num_frames)
 
 
-def splice(embeds: jax.Array, audio: jax.Array, audio_start: jax.Array) -> jax.Array:
-  """Writes audio tokens [B, T', D] into token embeddings [B, L, D] at rows' `audio_start` [B]."""
-  def one(e, a, s):
-    return jax.lax.dynamic_update_slice(e, a.astype(e.dtype), (s, 0))
-  return jax.vmap(one)(embeds, audio, audio_start)
+def splice(embeds: jax.Array, audio: jax.Array, audio_start: jax.Array,
+           audio_tokens: jax.Array | None = None) -> jax.Array:
+  """Puts audio tokens [B, T', D] into token embeddings [B, L, D]: row b's first `audio_tokens[b]` tokens
+  (all T' if None) at positions audio_start[b], audio_start[b] + 1, ...; every other position keeps its
+  token embedding (unused slots never overwrite a prompt position)."""
+  B, L, _ = embeds.shape
+  n = jnp.full((B,), audio.shape[1], jnp.int32) if audio_tokens is None else audio_tokens.astype(jnp.int32)
+  idx = jnp.arange(L)[None, :] - audio_start[:, None].astype(jnp.int32)          # [B, L]
+  inside = (idx >= 0) & (idx < n[:, None])
+  picked = jnp.take_along_axis(audio, jnp.clip(idx, 0, audio.shape[1] - 1)[..., None], axis=1)  # [B, L, D]
+  return jnp.where(inside[..., None], picked.astype(embeds.dtype), embeds)
 
 
 class FeatureStat(nnx.Variable):
@@ -131,7 +158,8 @@ class MusiLingo(nnx.Module):
     """Pooled encoder features [B, T', D_enc]: precomputed, or computed here with no backward pass."""
     if "features" in batch:
       return batch["features"].astype(jnp.float32)
-    feats = pooled_features(self.encoder, batch["audio"], self.cfg.pool_frames)
+    feats = pooled_features(self.encoder, batch["audio"], self.cfg.pool_frames, batch.get("audio_len"),
+                            batch.get("audio_pad_len"))
     return jax.lax.stop_gradient(feats)
 
   def audio_embeddings(self, batch: dict) -> jax.Array:
@@ -142,7 +170,7 @@ class MusiLingo(nnx.Module):
 
   def input_embeddings(self, batch: dict) -> jax.Array:
     embeds = self.llm.embed(batch["input_ids"])  # [B, L, D_llm]
-    return splice(embeds, self.audio_embeddings(batch), batch["audio_start"])
+    return splice(embeds, self.audio_embeddings(batch), batch["audio_start"], batch.get("audio_tokens"))
 
   def __call__(self, batch: dict) -> jax.Array:
     """Logits [B, L, vocab] (float32) of the spliced sequence."""
