@@ -1,33 +1,4 @@
-"""Stage-2 instruction finetuning of the projection (SPEC.md section 3), plus the demo and smoke runs.
+"""`--config configs/finetune.py:<preset>`: stage-2 finetuning presets (musicqa, musicinstruct,
+musicinstruct_short, musicinstruct_long, musiccaps, demo, smoke), defined in musilingo_jax/configs/finetune.py."""
 
-  python scripts/train.py --config configs/finetune.py:musicqa --workdir runs/musicqa \
-      --config.model.checkpoint=converted/ --config.data.records_dir=records/musicqa
-
-Presets: musicqa, musicinstruct (all), musicinstruct_short, musicinstruct_long, musiccaps (reference
-hyperparameters); demo (the README's main job: real SmolLM2 + the embedded music21 set, 13-18 min on 2 CPU
-cores); smoke (the same path in seconds, for tests).
-"""
-
-from musilingo_jax import config as cfglib
-
-PRESETS = ("musicqa", "musicinstruct", "musicinstruct_short", "musicinstruct_long", "musiccaps",
-           "demo", "smoke")
-
-
-def get_config(arg: str = "musicqa"):
-  arg = arg or "musicqa"
-  if arg not in PRESETS:
-    raise ValueError(f"configs/finetune.py: unknown preset {arg!r}; choose from {PRESETS}")
-  c = cfglib.base_config()
-  if arg in ("demo", "smoke"):
-    return cfglib.demo_config(c, smoke=(arg == "smoke"))
-  cfglib.apply_schedule(c, arg)
-  # Audio tokens per micro-batch come from the clips (config.data.n_audio_tokens = 0: the records' bound).
-  # MusicQA crops 372,000 samples at the file's own rate: 6 tokens at 16 kHz, 4 at 24 kHz, 2 at 44.1/48 kHz.
-  if arg == "musicqa":
-    c.data.dataset, c.data.train_split, c.data.eval_split = "musicqa", "Finetune", "Eval"
-  elif arg.startswith("musicinstruct"):
-    c.data.dataset, c.data.train_split, c.data.eval_split = "musicinstruct", "train", "test"
-  else:
-    c.data.dataset, c.data.train_split, c.data.eval_split = "musiccaps", "train", "test"
-  return c
+from musilingo_jax.configs.finetune import PRESETS, get_config  # noqa: F401

@@ -1,16 +1,3 @@
-"""Stage 1: caption pretraining of the projection on LP-MusicCaps-MSD (SPEC.md section 3).
+"""`--config configs/pretrain.py`: stage-1 caption pretraining, defined in musilingo_jax/configs/pretrain.py."""
 
-No instruction template: [BOS] + audio + caption + "\\n"; answers truncated to 32 tokens.
-"""
-
-from musilingo_jax import config as cfglib
-
-
-def get_config(arg: str = ""):
-  c = cfglib.base_config()
-  cfglib.apply_schedule(c, "pretrain")
-  c.stage = 1
-  c.data.dataset, c.data.train_split, c.data.eval_split = "lp-musiccaps-msd", "train", "valid"
-  c.data.max_len = 64
-  c.prompt.template, c.prompt.end_sym, c.prompt.max_txt_len = False, "\n", 32
-  return c
+from musilingo_jax.configs.pretrain import get_config  # noqa: F401

@@ -3,9 +3,9 @@
 With libtpu installed (`pip install "jax[tpu]"`), `jax.experimental.topologies.get_topology_desc` describes
 a TPU slice (or several) without any TPU present; a Mesh over its devices plus `jax.ShapeDtypeStruct`s that
 carry NamedShardings is enough to `lower(...).compile()` the step exactly as a pod would run it (MaxText's
-train_compile.py idea). Nothing of model size is allocated: the model is built with `nnx.eval_shape`, split
-with `train.split_model`, sharded by `sharding.state_shardings` with the config's mesh and rules; the step is
-`train.make_train_step` with the config's optimizer and accumulation, jitted by `train.jit_train_step`.
+train_compile.py idea). Nothing of model size is allocated: `Experiment.from_config(c, mesh, abstract=True)`
+builds the model with `nnx.eval_shape` and gives the same split, shardings, optimizer and jitted step the
+trainer runs.
 
 The compiled executable reports per-chip memory (`memory_analysis`) and FLOPs/bytes (`cost_analysis`); if the
 step does not fit in a chip's HBM the TPU compiler refuses it and lists the largest allocations, which we
@@ -25,13 +25,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from musilingo_jax import build, sharding
 from musilingo_jax import config as cfglib
-from musilingo_jax import train as trainlib
-from musilingo_jax.models.llama import Llama
-from musilingo_jax.models.mert import MERT
+from musilingo_jax.experiment import Experiment
 
 GiB = 2 ** 30
 
@@ -53,7 +50,7 @@ CHIPS = {
     "TPU v5": Chip("v5p", int(95.74 * GiB), 459e12, 2765e9),
 }
 
-# Raw-audio window per dataset when the encoder runs in the step (seconds at 24 kHz; SPEC.md section 5).
+# Raw-audio window per dataset when the encoder runs in the step (seconds at 24 kHz; docs/reference.md, Data).
 # The longest clip a dataset yields at 24 kHz (no records at hand here): the native-rate windows at the
 # lowest common rate (MusicQA: 372,000 samples of a 16 kHz file; MSD previews: 732,000 at 22.05 kHz).
 AUDIO_SECONDS = {"lp-musiccaps-msd": 732_000 / 22_050, "musicqa": 372_000 / 16_000, "musicinstruct": 10.0,
@@ -86,23 +83,6 @@ def chip_of(devices) -> Chip | None:
   return CHIPS.get(devices[0].device_kind)
 
 
-def abstract_model(c):
-  """The MusiLingo of config `c` (presets, as build.build_model makes it) with ShapeDtypeStruct leaves.
-
-  Its configs come from build.preset_encoder_config / preset_llm_config, so every `config.model` field
-  (build.model_overrides) and pool_frames reach the compiled model as they reach a built one."""
-  lora = build.lora_config(c)
-  enc_cfg, llm_cfg = build.preset_encoder_config(c), build.preset_llm_config(c)
-  seed = c.seed
-  enc = nnx.eval_shape(lambda: MERT(enc_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1)))
-  llm = nnx.eval_shape(lambda: Llama(llm_cfg, rngs=nnx.Rngs(params=seed + 7, dropout=seed + 8), lora=lora))
-  model = build.compose(enc, llm, pool_frames=c.model.pool_frames, lora=lora, seed=seed)
-  # compose makes the (small) projection concretely: keep only its shape.
-  gdef, state = nnx.split(model)
-  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  return nnx.merge(gdef, state)
-
-
 def audio_samples(c) -> int:
   return int(round(AUDIO_SECONDS.get(c.data.dataset, 10.0) * 24_000))
 
@@ -127,10 +107,6 @@ def batch_shapes(c, encoder_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
     out["audio_len"] = ((rows,), jnp.int32)
     out["audio_pad_len"] = ((rows,), jnp.int32)
   return out
-
-
-def _structs(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def _per_chip_bytes(structs) -> int:
@@ -186,7 +162,7 @@ class AotResult:
   fits: bool | None = None
   xla_flops: float | None = None       # per chip, cost_analysis (a while loop's body counted once)
   xla_bytes: float | None = None
-  analytic_flops: float | None = None  # per chip, trainer.step_flops / chips (whole step)
+  analytic_flops: float | None = None  # per chip, experiment.step_flops / chips (whole step)
   step_time_s: float | None = None
   tokens_per_s_per_chip: float | None = None
   bound: str | None = None
@@ -224,7 +200,6 @@ def _rules_name(rules) -> str:
 def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotResult:
   """AOT-compiles config `c`'s train step for `topology`; returns the per-chip report (never raises for
   an out-of-memory compile: the result says so and lists the biggest buffers)."""
-  from musilingo_jax import trainer
   devices = devices if devices is not None else topology_devices(topology, num_slices)
   n = len(devices)
   cfglib.validate(c, num_devices=n, need_data=False)
@@ -233,23 +208,10 @@ def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotR
   rules = c.mesh.rules
   mesh_sizes = dict(mesh.shape)
 
-  model = abstract_model(c)
-  model.train()
-  graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
-  tx, _ = trainlib.optimizer_from_config(c)
-  rep = sharding.replicated(mesh)
-  trainable_sh = sharding.state_shardings(trainable, mesh, rules)
-  frozen_sh = sharding.state_shardings(frozen, mesh, rules)
-  opt_sh = trainlib.opt_state_shardings(tx, trainable, trainable_sh, rep)
-  opt_abstract = jax.eval_shape(tx.init, trainable)
+  exp = Experiment.from_config(c, mesh, abstract=True, data=False)
+  model = exp.model
   shapes = batch_shapes(c, model.cfg.encoder)
-  batch_sh = {k: sharding.batch_sharding(mesh, len(s)) for k, (s, _) in shapes.items()}
-
-  trainable_s = _structs(trainable, trainable_sh)
-  frozen_s = _structs(frozen, frozen_sh)
-  opt_s = _structs(opt_abstract, opt_sh)
-  batch_s = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh[k]) for k, (s, d) in shapes.items()}
-  step_s = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  trainable_s, opt_s, frozen_s, batch_s, step_s = exp.abstract_args(shapes)
 
   rows, L = c.train.batch_size * c.train.accum_steps, c.data.max_len
   batch_ways = mesh_sizes["data"] * mesh_sizes["fsdp"]
@@ -266,18 +228,10 @@ def compile_step(c, topology: str, *, num_slices: int = 1, devices=None) -> AotR
                                      if jax.tree_util.keystr(path, simple=True, separator=".")
                                      .startswith("encoder.")]))
   frames = 0 if c.data.use_features else int(model.cfg.encoder.feature_lengths(audio_samples(c)))
-  res.analytic_flops = trainer.step_flops(model, rows, L, audio_slots(c, model.cfg.encoder),
-                                          trainable_mode=c.train.trainable, encoder_frames=frames,
-                                          head_positions=cfglib.loss_positions(c)) / n
-
-  step_fn = trainlib.make_train_step(graphdef, tx, accum_steps=c.train.accum_steps,
-                                     accum_reduce=c.train.accum_reduce, dropout_seed=c.seed,
-                                     loss_positions=cfglib.loss_positions(c))
-  jitted = trainlib.jit_train_step(step_fn, trainable_sh=trainable_sh, opt_sh=opt_sh, frozen_sh=frozen_sh,
-                                   batch_sh=batch_sh, replicated=rep)
+  res.analytic_flops = exp.step_flops(rows, L, audio_slots(c, model.cfg.encoder), encoder_frames=frames) / n
+  jitted = exp.train_step({k: v.sharding for k, v in batch_s.items()})
   t0 = time.perf_counter()
-  with sharding.activation_sharding(mesh, rules, c.mesh.get("constrain_activations", True)):
-    lowered = jitted.lower(trainable_s, opt_s, frozen_s, batch_s, step_s)
+  lowered = jitted.lower(trainable_s, opt_s, frozen_s, batch_s, step_s)
   try:
     compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 -- XlaRuntimeError; an OOM is a result, not a crash
@@ -458,7 +412,7 @@ def format_report(r: AotResult) -> str:
                  "encoder out of the step")
   chip = next((c for c in CHIPS.values() if c.name == r.chip), None)
   if r.analytic_flops:
-    lines.append(f"FLOPs per chip per step: analytic {r.analytic_flops / 1e12:.3f} TFLOP (trainer.step_flops / "
+    lines.append(f"FLOPs per chip per step: analytic {r.analytic_flops / 1e12:.3f} TFLOP (experiment.step_flops / "
                  f"{r.chips})" + (f"; XLA cost_analysis {r.xla_flops / 1e12:.3f} TFLOP, "
                                   f"{_fmt(r.xla_bytes)} accessed" if r.xla_flops is not None else ""))
     if r.accum_steps > 1 and r.xla_flops is not None:
@@ -562,7 +516,7 @@ def table_header(c, took_s: float, n: int) -> str:
       "per data x fsdp shard. Bytes are per chip from the compiled executable (`memory_analysis`: arguments + "
       "outputs - aliased + temp + code) against the HBM the TPU compiler lets a program use (v5e 15.75 GiB of 16; "
       "v5p 95.74 GiB); a step over it is refused by the compiler. "
-      "Roofline step = max(FLOPs / peak, bytes / HBM bandwidth) with trainer.step_flops and XLA's bytes (scaled "
+      "Roofline step = max(FLOPs / peak, bytes / HBM bandwidth) with experiment.step_flops and XLA's bytes (scaled "
       "by the accumulation count): v5e 197 TFLOP/s bf16, 819 GB/s; v5p 459 TFLOP/s, 2765 GB/s. No communication "
       "is modelled: a lower bound on step time.",
       "",

@@ -12,18 +12,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from musilingo_jax import assets, convert, prompts
-from musilingo_jax.models import layers
+from musilingo_jax import assets, evaluate, prompts, sharding, storage
+from musilingo_jax import checkpoint as ckptlib
+from musilingo_jax import config as cfglib
+from musilingo_jax import train as trainlib
+from musilingo_jax.data import audio as audio_lib
+from musilingo_jax.data import demo, pipeline, records
+from musilingo_jax.tokenizer import Tokenizer
+from musilingo_jax.convert.converted import TOKENIZER_DIR, load_converted
+from musilingo_jax.convert.hf import import_pretrained
+from musilingo_jax.convert.pth import load_musilingo_pth
+from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.llama import Llama, LlamaConfig
 from musilingo_jax.models.mert import MERT, MERTConfig
 from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig
@@ -52,19 +62,19 @@ def llm_config(preset: str, **overrides) -> LlamaConfig:
   raise ValueError(f"config.model.llm_preset: unknown {preset!r}")
 
 
-def model_overrides(c) -> tuple[dict[str, Any], dict[str, Any]]:
+def model_overrides(c, activations=None) -> tuple[dict[str, Any], dict[str, Any]]:
   """(encoder, LLM) config fields that `config.model` sets, for every source of the frozen weights.
 
   The one place the config's model fields become MERTConfig / LlamaConfig fields: random presets
   (preset_encoder_config, preset_llm_config: build_model, AOT), a converted checkpoint
-  (convert.load_converted) and a GGUF (convert.import_pretrained) all apply these on top of what the
+  (convert.converted.load_converted) and a GGUF (convert.hf.import_pretrained) all apply these on top of what the
   preset or checkpoint describes. compute_dtype -> dtype, frozen_dtype -> param_dtype, attention_impl
   ("auto" = None: JAX picks) for both, spec_augment for the encoder. (pool_frames is MusiLingoConfig's:
-  `compose` takes it.)
+  `build_model` takes it.) activations: the run's activation sharding (`sharding.Activations`), or None.
   """
   attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
   common = dict(dtype=jnp.dtype(c.model.compute_dtype), param_dtype=jnp.dtype(c.model.frozen_dtype),
-                attention_impl=attn)
+                attention_impl=attn, activations=activations)
   return {**common, "spec_augment": bool(c.model.spec_augment)}, dict(common)
 
 
@@ -89,71 +99,71 @@ def gguf_path(c) -> str:
   return str(assets.smollm2_gguf_path()) if c.model.llm_gguf == "smollm2" else c.model.llm_gguf
 
 
-def _projection(d_enc: int, d_llm: int, seed: int) -> layers.Linear:
-  """torch.nn.Linear's default init (uniform +-1/sqrt(in) for kernel and bias), float32."""
-  bound = 1.0 / math.sqrt(d_enc)
-  init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
-  rngs = nnx.Rngs(params=seed)
-  proj = layers.Linear(d_enc, d_llm, use_bias=True, in_axis=None, out_axis="embed", rngs=rngs,
-                       dtype=jnp.float32, kernel_init=init)
-  proj.bias.set_value(init(rngs.params(), (d_llm,), jnp.float32))
-  return proj
-
-
-def compose(encoder: MERT, llm: Llama, *, pool_frames: int, lora, seed: int) -> MusiLingo:
-  """A MusiLingo around existing encoder and LLM modules (nothing large is allocated here)."""
-  cfg = MusiLingoConfig(encoder=encoder.cfg, llm=llm.cfg, pool_frames=pool_frames, lora=lora)
-  model = nnx.eval_shape(lambda: MusiLingo(cfg, rngs=nnx.Rngs(seed)))
-  model.encoder, model.llm = encoder, llm
-  model.llama_proj = _projection(cfg.encoder.hidden_size, cfg.llm.hidden_size, seed)
-  return model
-
-
-def _random(model_cls, config, seed, mesh, rules, **kwargs):
-  """A randomly initialised model, built under jit straight onto its shardings."""
-  from musilingo_jax import sharding
-  abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), **kwargs))
-  gdef, state = nnx.split(abstract)
+def init_random(model_cls, config, seed, mesh=None, rules=None, abstract=False, **kwargs):
+  """A randomly initialised model, built under jit straight onto its shardings (abstract: nnx.eval_shape,
+  ShapeDtypeStruct leaves, nothing allocated)."""
+  def make():
+    return model_cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), **kwargs)
+  abstract_model = nnx.eval_shape(make)
+  if abstract:
+    return abstract_model
+  gdef, state = nnx.split(abstract_model)
   out_sh = sharding.state_shardings(state, mesh, rules) if mesh is not None else None
-
-  def init():
-    return nnx.split(model_cls(config, rngs=nnx.Rngs(params=seed, dropout=seed + 1), **kwargs))[1]
-  return nnx.merge(gdef, jax.jit(init, out_shardings=out_sh)())
+  return nnx.merge(gdef, jax.jit(lambda: nnx.split(make())[1], out_shardings=out_sh)())
 
 
-def build_model(c, *, mesh=None, rules=None):
+def build_model(c, *, mesh=None, rules=None, abstract: bool = False, activations=None):
   """-> (MusiLingo, Tokenizer | None, frozen_ref dict). Whatever the source of the frozen weights, the
-  encoder and LLM configs get `model_overrides(c)` and the MusiLingo gets config.model.pool_frames."""
-  from musilingo_jax.tokenizer import Tokenizer
-  enc_overrides, llm_overrides = model_overrides(c)
+  encoder and LLM configs get `model_overrides(c, activations)` and the MusiLingo gets
+  config.model.pool_frames; the projection is torch's Linear init from config.seed.
+
+  abstract: the presets' shapes only (nnx.eval_shape; AOT compilation), whatever the config's source."""
+  enc_overrides, llm_overrides = model_overrides(c, activations)
   lora = lora_config(c)
-  if c.model.checkpoint:
-    enc, llm, tok, meta = convert.load_converted(
-        c.model.checkpoint, mesh=mesh, sharding_rules=rules, lora=lora,
-        config_overrides={"encoder": enc_overrides, "llm": llm_overrides})
+  if abstract:
+    enc = init_random(MERT, preset_encoder_config(c, activations=activations), c.seed, mesh, rules, abstract=True)
+    llm = init_random(Llama, preset_llm_config(c, activations=activations), c.seed + 7, mesh, rules, abstract=True,
+                  lora=lora)
+    tok, frozen_ref = None, {"abstract": f"{c.model.encoder_preset} + {c.model.llm_preset}"}
+  elif c.model.checkpoint:
+    (enc, llm), meta = load_converted(
+        c.model.checkpoint, (mert.HF_KIND, llama.HF_KIND), mesh=mesh, sharding_rules=rules,
+        model_kwargs={"llm": {"lora": lora}}, config_overrides={"encoder": enc_overrides, "llm": llm_overrides})
+    tok_dir = storage.path(c.model.checkpoint) / TOKENIZER_DIR
+    # sentencepiece / tokenizers read local files: a tokenizer in a bucket is staged into the local cache
+    tok = Tokenizer.from_dir(storage.stage_tree(tok_dir)) if tok_dir.is_dir() else None
     if enc is None or llm is None:
       raise ValueError(f"config.model.checkpoint = {c.model.checkpoint!r} lacks the "
                        f"{'encoder' if enc is None else 'LLM'}: convert both with scripts/convert_hf.py")
-    frozen_ref = {"checkpoint": os.path.abspath(c.model.checkpoint)}
+    frozen_ref = {"checkpoint": _absolute(c.model.checkpoint)}
   else:
-    enc = _random(MERT, preset_encoder_config(c), c.seed, mesh, rules)
+    enc = init_random(MERT, preset_encoder_config(c, activations=activations), c.seed, mesh, rules)
     tok = None
     frozen_ref = {"encoder": f"random {c.model.encoder_preset} (seed {c.seed})"}
     if c.model.llm_gguf and not c.model.get("smoke_llm", False):
       path = gguf_path(c)
-      llm, _ = convert.import_pretrained("llm", path, mesh=mesh, sharding_rules=rules, lora=lora,
-                                         config_overrides=llm_overrides)
+      llm, _ = import_pretrained(llama.HF_KIND, path, mesh=mesh, sharding_rules=rules, lora=lora,
+                                 config_overrides=llm_overrides)
       tok = Tokenizer.from_gguf(path)
-      frozen_ref["llm"] = os.path.abspath(path)
+      frozen_ref["llm"] = _absolute(path)
     else:
       overrides = {}
       if c.model.llm_gguf:  # smoke: a tiny random LLM that speaks the GGUF's tokenizer
         tok = Tokenizer.from_gguf(gguf_path(c))
         overrides.update(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-      llm = _random(Llama, preset_llm_config(c, **overrides), c.seed + 7, mesh, rules, lora=lora)
+      llm = init_random(Llama, preset_llm_config(c, activations=activations, **overrides), c.seed + 7, mesh, rules,
+                    lora=lora)
       frozen_ref["llm"] = f"random {c.model.llm_preset} (seed {c.seed + 7})"
-  model = compose(enc, llm, pool_frames=c.model.pool_frames, lora=lora, seed=c.seed)
-  return model, tok, frozen_ref
+
+  def projection():
+    return layers.torch_linear(enc.cfg.hidden_size, llm.cfg.hidden_size, rngs=nnx.Rngs(params=c.seed))
+  proj = nnx.eval_shape(projection) if abstract else projection()
+  return MusiLingo(enc, llm, proj, pool_frames=c.model.pool_frames), tok, frozen_ref
+
+
+def _absolute(p) -> str:
+  """An absolute local path, or a gs:// URL as given."""
+  return os.fspath(p) if storage.is_remote(p) else os.path.abspath(p)
 
 
 INFERENCE_DTYPES = ("bfloat16", "float32")
@@ -163,7 +173,6 @@ def inference_mesh(devices=None):
   """A (data=1, fsdp=all, tensor=1) mesh over this process's devices (default `jax.local_devices()`): under
   the "fsdp" rules every large matrix is split along its embed dimension over all of them; on one device
   it is the single-device placement."""
-  from musilingo_jax import sharding
   return sharding.make_mesh((1, -1, 1), list(devices if devices is not None else jax.local_devices()))
 
 
@@ -174,7 +183,8 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
 
   workdir: a training run (its config.json rebuilds the frozen parts, the latest or given checkpoint step
   gives the trainable ones). checkpoint: a scripts/convert_hf.py directory, with `projection` a MusiLingo
-  .pth (a released checkpoint or our export) or an .npz with `kernel` [in, out] and `bias`.
+  .pth (a released checkpoint or our export) or an .npz with `kernel` [in, out] and `bias`. Each may be a
+  local path or a gs:// URL (musilingo_jax/storage.py).
 
   dtype: the frozen encoder and LLM weights and their compute dtype ("bfloat16" or "float32"); the
   projection and LoRA adapters stay float32 as in training. None: as the run was trained (workdir) or
@@ -184,10 +194,6 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
   splits the frozen matrices over the devices, "dp" replicates them). The returned config carries the
   dtypes used. `memory_report(model)` says what the placement costs per device.
   """
-  import ml_collections
-  from musilingo_jax import checkpoint as ckptlib
-  from musilingo_jax import config as cfglib
-  from musilingo_jax import train as trainlib
   if (workdir is None) == (checkpoint is None):
     raise ValueError("give exactly one of workdir or checkpoint")
   if dtype is not None:
@@ -196,9 +202,9 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
       raise ValueError(f"dtype must be one of {INFERENCE_DTYPES} (or None), got {dtype!r}")
   mesh = inference_mesh() if mesh is None else mesh
   if workdir is not None:
-    path = Path(workdir) / "config.json"
+    path = storage.path(workdir) / "config.json"
     if not path.is_file():
-      raise FileNotFoundError(f"{path}: missing (is {workdir} a training run directory?)")
+      raise FileNotFoundError(f"{os.fspath(path)}: missing (is {workdir} a training run directory?)")
     run_c = ml_collections.ConfigDict(json.loads(path.read_text()))
     c = ml_collections.ConfigDict(json.loads(path.read_text()))
     if dtype is not None:
@@ -221,7 +227,7 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
       attach_feature_norm(c, model, records_dir)
     _place(model, mesh, rules)
     graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
-    ckpt = ckptlib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1 << 30,
+    ckpt = ckptlib.Checkpointer(os.fspath(storage.path(workdir) / "checkpoints"), save_every=1, keep=1 << 30,
                                 keep_best=False)
     try:
       trainable, _ = ckpt.restore_trainable(step, trainable)
@@ -256,7 +262,6 @@ class _EncoderConfigOnly:
 def _place(model: MusiLingo, mesh, rules) -> None:
   """Every variable of `model` onto its sharding on `mesh` by the logical-axis rules (the frozen weights
   are already there when built onto the mesh; this moves the projection, LoRA and feature statistics)."""
-  from musilingo_jax import sharding
   state = nnx.state(model)
   nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh, rules)))
 
@@ -302,7 +307,6 @@ def memory_report(model: MusiLingo, *, trainable: str = "projection+lora") -> di
   `trainable`: which leaves count as trainable (train.trainable_filter's modes; the default covers the
   projection and any LoRA adapters).
   """
-  from musilingo_jax import train as trainlib
   train_filter = trainlib.trainable_filter(trainable)
   parts = dict(zip(("trainable", "frozen"),
                    nnx.state(model, nnx.All(nnx.Param, train_filter), nnx.All(nnx.Param, nnx.Not(train_filter)))))
@@ -345,11 +349,13 @@ def format_memory_report(report: dict) -> str:
 
 
 def load_projection(path: str):
-  """(kernel [in, out], bias [out]) from a MusiLingo .pth or an .npz (kernel, bias)."""
+  """(kernel [in, out], bias [out]) from a MusiLingo .pth or an .npz (kernel, bias); local or gs:// (staged
+  into the local cache: torch and numpy read local files)."""
+  path = storage.stage(path)
   if str(path).endswith(".npz"):
     with np.load(path) as z:
       return z["kernel"], z["bias"]
-  return convert.load_musilingo_pth(path)
+  return load_musilingo_pth(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,20 +367,26 @@ def prompt_config(c) -> prompts.PromptConfig:
                               max_txt_len=c.prompt.max_txt_len)
 
 
-def demo_dirs(c, model: MusiLingo) -> tuple[Path, Path]:
-  """(demo audio set dir, its precomputed-records dir keyed by everything the features depend on)."""
-  base = Path(c.data.demo_dir) if c.data.get("demo_dir") else assets.cache_dir() / "demo"
+def demo_dirs(c, model: MusiLingo):
+  """(demo audio set dir, its precomputed-records dir keyed by everything the features depend on).
+
+  config.data.demo_dir may be a gs:// URL: the records go there (an etils.epath.Path), while the audio set,
+  generated and read by local-file libraries, is built in the local cache (assets.cache_dir()/demo)."""
+  demo_dir = c.data.get("demo_dir") or ""
+  remote = storage.is_remote(demo_dir)
+  base = Path(demo_dir) if demo_dir and not remote else assets.cache_dir() / "demo"
   pieces = tuple(c.data.demo_pieces)
-  data_dir = base / f"set-{pieces[0]}x{pieces[1]}-{c.data.demo_clips_per_piece}-{c.data.demo_clip_seconds:g}s"
+  name = f"set-{pieces[0]}x{pieces[1]}-{c.data.demo_clips_per_piece}-{c.data.demo_clip_seconds:g}s"
+  data_dir = base / name
   key = json.dumps([repr(model.cfg.encoder), c.seed, c.model.pool_frames, c.model.encoder_preset,
                     c.model.checkpoint], sort_keys=True)
-  rec_dir = data_dir / ("records-" + hashlib.sha1(key.encode()).hexdigest()[:12])
+  records_name = "records-" + hashlib.sha1(key.encode()).hexdigest()[:12]
+  rec_dir = (storage.path(demo_dir) / name / records_name) if remote else data_dir / records_name
   return data_dir, rec_dir
 
 
-def prepare_demo(c, model: MusiLingo) -> tuple[Path, Path]:
+def prepare_demo(c, model: MusiLingo):
   """Builds (or reuses) the demo audio set, then precomputes its encoder features once per clip."""
-  from musilingo_jax.data import demo, records
   data_dir, rec_dir = demo_dirs(c, model)
   pieces = tuple(c.data.demo_pieces)
   demo.build_demo_dataset(data_dir, num_train_pieces=pieces[0], num_test_pieces=pieces[1],
@@ -385,7 +397,7 @@ def prepare_demo(c, model: MusiLingo) -> tuple[Path, Path]:
     if records.read_report(rec_dir, split) is None:
       print(f"demo: precomputing {split} encoder features into {rec_dir}", flush=True)
     records.precompute(records.PrecomputeConfig(
-        dataset="demo", data_dir=str(data_dir), split=split, out_dir=str(rec_dir), features="also",
+        dataset="demo", data_dir=str(data_dir), split=split, out_dir=os.fspath(rec_dir), features="also",
         features_dtype="float32", encoder=f"demo encoder {c.model.encoder_preset} seed {c.seed}",
         pool_frames=c.model.pool_frames, workers=2, shard_size=256, crop="start",
         progress=jax.process_index() == 0), encoder_fn)
@@ -411,8 +423,6 @@ def audio_slots(c, encoder_cfg, records_dir, splits=None) -> AudioSlots:
   config: `config.data.n_audio_tokens` = 0 takes the records' bound; a positive value below it is refused
   (clips would be cut), naming the field and the longest clip. A positive value above it is kept (a larger
   static shape; the extra slots are never attended)."""
-  from musilingo_jax import config as cfglib
-  from musilingo_jax.data import records
   splits = splits or (c.data.train_split, c.data.eval_split)
   reports = [(split, records.read_report(records_dir, split)) for split in splits]
   reports = [(split, r) for split, r in reports if r is not None]
@@ -459,7 +469,6 @@ class Data:
   tokens); `slots` is the static bound, from the records' precompute reports (`audio_slots`)."""
 
   def __init__(self, c, tokenizer, records_dir: str, encoder_cfg=None):
-    from musilingo_jax.data import records
     self.c, self.tokenizer = c, tokenizer
     self.train_files = records.shard_files(records_dir, c.data.train_split)
     self.eval_files = records.shard_files(records_dir, c.data.eval_split)
@@ -477,7 +486,6 @@ class Data:
     self.slots = audio_slots(c, encoder_cfg, records_dir)
     self.pad_id = pad_id(c, tokenizer)
     # MERT's feature extractor (MusicInstruct / MusicCaps raw audio): the checkpoint's do_normalize.
-    from musilingo_jax.data import audio as audio_lib
     self.normalize_audio = (not c.data.use_features) and audio_lib.extractor_do_normalize(
         c.model.checkpoint or None, c.data.dataset)
     self._check_prompt_fits()
@@ -495,7 +503,6 @@ class Data:
     return audio_token_count(self.encoder_cfg, self.c.model.pool_frames, samples)
 
   def _make(self, files, *, train: bool, batch_size: int, accum_steps: int = 1):
-    from musilingo_jax.data import pipeline
     c = self.c
     return pipeline.make_dataset(
         files, tokenizer=self.tokenizer, prompt_cfg=prompt_config(c), batch_size=batch_size, seed=c.seed,
@@ -511,11 +518,9 @@ class Data:
                       accum_steps=self.c.train.accum_steps)
 
   def get_train_state(self, it) -> dict:
-    from musilingo_jax.data import pipeline
     return pipeline.get_state(it)
 
   def set_train_state(self, it, state: dict) -> None:
-    from musilingo_jax.data import pipeline
     pipeline.set_state(it, state)
 
   def eval_batches(self, n: int):
@@ -539,7 +544,6 @@ class Data:
 
 
   def generation_metrics(self, model, n: int) -> dict[str, float]:
-    from musilingo_jax import evaluate
     res = evaluate.evaluate(model, self.tokenizer, self.eval_examples(n),
                             batch_size=min(8, n), prompt_cfg=prompt_config(self.c), greedy=self.c.eval.greedy,
                             max_new_tokens=self.c.eval.max_new_tokens, bertscore=False)
@@ -547,12 +551,10 @@ class Data:
 
 
 def read_records(files, limit: int | None = None) -> list[dict]:
-  """Decoded records of ArrayRecord shards, in order, at most `limit` of them."""
-  import grain
-  from musilingo_jax.data import records
+  """Decoded records of ArrayRecord shards (local or gs://, staged), in order, at most `limit` of them."""
   out = []
   for path in files:
-    src = grain.sources.ArrayRecordDataSource([path])
+    src = grain.sources.ArrayRecordDataSource([storage.stage(path)])
     for i in range(len(src)):
       out.append(records.decode_record(src[i]))
       if limit and len(out) >= limit:
@@ -571,7 +573,7 @@ def build_data(c, tokenizer, model) -> Data:
   else:
     rec_dir = c.data.records_dir
   attach_feature_norm(c, model, rec_dir)
-  return Data(c, tokenizer, str(rec_dir), encoder_cfg=model.cfg.encoder)
+  return Data(c, tokenizer, os.fspath(rec_dir), encoder_cfg=model.cfg.encoder)
 
 
 def pad_id(c, tokenizer) -> int:
@@ -585,7 +587,6 @@ def attach_feature_norm(c, model: MusiLingo, records_dir) -> dict | None:
   (data.records.feature_stats, cached next to the shards) standardise the projection's input."""
   if not c.model.get("feature_norm", ""):
     return None
-  from musilingo_jax.data import records
   try:
     stats = records.feature_stats(records_dir, c.data.train_split)
   except FileNotFoundError as e:

@@ -3,21 +3,36 @@
 Frozen weights are referenced (the converted checkpoint's path, or how the demo builds them), never
 copied into each step. Saves are async; the manager keeps the last `keep` steps plus the best by eval
 loss. Restores go against an abstract state carrying the *current* shardings, so a checkpoint written
-on one mesh restores onto another device count (LESSONS.md 4). Every process calls save; Orbax has the
-primary write metadata (LESSONS.md 5). A step directory appears only once complete (atomic rename).
+on one mesh restores onto another device count (arrays are saved by their global shape). Every process calls save; Orbax has the
+primary write metadata (one writer per file).
+
+The directory may be local or gs:// (etils.epath paths; Orbax writes arrays through tensorstore). A step is
+listed only once complete: locally it is written under a temporary name and renamed; on GCS (no atomic
+rename) it is listed only once its `commit_success.txt` exists. Unfinished steps of a killed run are removed
+when the next run opens the directory. `restore_latest` falls back to the newest step that restores when a
+newer one does not (truncated or corrupt array files), setting the bad one aside with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
+
+from musilingo_jax import storage
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the directory restores (one line per step tried)."""
 
 
 def _pure(state) -> Any:
@@ -37,15 +52,16 @@ def _abstract(tree) -> Any:
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, keep_best: bool = True):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int, keep_best: bool = True):
+    self.directory = run_path(directory)
     policies = [cm.LatestN(n=keep)]
     if keep_best:
       policies.append(cm.BestN(get_metric_fn=lambda m: m["eval_loss"], reverse=True, n=1,
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, enable_async_checkpointing=True,
-        preservation_policy=cm.AnyPreservationPolicy(policies), best_fn=None, create=True)
+        preservation_policy=cm.AnyPreservationPolicy(policies), best_fn=None, create=True,
+        cleanup_tmp_directories=True)  # a killed run's unfinished steps
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
@@ -66,18 +82,59 @@ class Checkpointer:
 
   def restore(self, step: int, *, trainable, opt_state) -> tuple[Any, Any, dict | None, dict]:
     """Restores onto the shardings of the given (live or abstract) `trainable` / `opt_state`."""
-    names = set(self.manager.item_metadata(step).keys()) if hasattr(self.manager, "item_metadata") else set()
+    has_data = (self.directory / str(step) / "data").exists()
     items = {
         "trainable": ocp.args.StandardRestore(_abstract(trainable)),
         "opt_state": ocp.args.StandardRestore(_abstract(opt_state)),
         "meta": ocp.args.JsonRestore(),
     }
-    if not names or "data" in names:
+    if has_data:
       items["data"] = ocp.args.JsonRestore()
     out = self.manager.restore(step, args=ocp.args.Composite(**items))
     new_trainable = _fill(trainable, out["trainable"])
     new_opt = _fill(opt_state, out["opt_state"])
     return new_trainable, new_opt, out.get("data"), out["meta"]
+
+  def restore_latest(self, *, trainable, opt_state, warn: Callable[[str], None] | None = None
+                     ) -> tuple[int, Any, Any, dict | None, dict] | None:
+    """The newest step that restores -> (step, trainable, opt_state, data_state, meta); None when there is
+    no checkpoint. A newer step that does not restore (truncated or corrupt files: Orbax lists only
+    finished steps, so this is damage after the fact) is set aside as `unrestorable-<step>-<time>` beside
+    the steps, with a warning naming it, and the run goes on from the one before. When no step restores,
+    CheckpointError names each step's error and nothing is moved (a config that no longer matches the
+    checkpoints fails them all alike). With several processes, a step counts as restored only when it
+    restored on every process."""
+    warn = warn or _warn
+    _quiet_closed_loop_callbacks()
+    failed: list[tuple[int, str]] = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        out, err = self.restore(step, trainable=trainable, opt_state=opt_state), None
+      except Exception as e:  # noqa: BLE001 - any failure to read the step: try the one before
+        out, err = None, _one_line(e)
+      if _on_every_process(err is None):
+        for bad, why in failed:
+          moved = self._set_aside(bad)
+          warn(f"warning: checkpoint step {bad} in {self.directory} does not restore ({why}); moved it to "
+               f"{moved} and resuming from step {step}")
+        if failed:
+          self.manager.reload()
+        return (step, *out)
+      failed.append((step, err or "it failed to restore on another process"))
+    if failed:
+      raise CheckpointError(f"no checkpoint in {self.directory} restores: " + "; ".join(
+          f"step {s}: {why}" for s, why in failed))
+    return None
+
+  def _set_aside(self, step: int) -> epath.Path:
+    """Renames step `step`'s directory out of Orbax's sight (process 0; every process waits for it)."""
+    dst = self.directory / f"unrestorable-{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    if jax.process_index() == 0:
+      (self.directory / str(step)).rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+    return dst
 
   def restore_trainable(self, step: int | None, trainable):
     """Only the trainable parameters (for generation / export), onto `trainable`'s shardings."""
@@ -87,9 +144,6 @@ class Checkpointer:
     out = self.manager.restore(step, args=ocp.args.Composite(
         trainable=ocp.args.StandardRestore(_abstract(trainable))))
     return _fill(trainable, out["trainable"]), step
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -111,16 +165,49 @@ def _fill(template, pure):
                       pure_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def save_pure(path: str, tree) -> None:
-  """A one-off synchronous save of a pytree (e.g. converted frozen weights)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), _pure(tree))
+def run_path(p: str | os.PathLike) -> epath.Path:
+  """A run path as an epath.Path: a gs:// URL as given, a local path made absolute (Orbax wants one)."""
+  return storage.path(p) if storage.is_remote(p) else storage.path(p).absolute()
 
 
-def restore_pure(path: str, abstract=None):
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.abspath(path), abstract)
+def _warn(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
 
 
-def to_numpy(tree):
-  return jax.tree.map(lambda x: np.asarray(x), tree)
+def _one_line(e: BaseException) -> str:
+  """An exception as one short line: its type and its message's last informative line (a tensorstore
+  error's last line names the file and the cause, e.g. OUT_OF_RANGE: Error reading "..." in OCDBT ...)."""
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  text = next((l for l in lines if any(k in l for k in ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND",
+                                                          "FAILED_PRECONDITION", "INVALID_ARGUMENT"))),
+              lines[0] if lines else "")
+  text = text if len(text) <= 300 else text[:297] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """When a restore fails, Orbax closes the asyncio loop it restored in while tensorstore still finishes
+  reads in flight; their completion callbacks, called from tensorstore's native threads, then raise "Event
+  loop is closed" in `loop.call_soon_threadsafe`, and tensorstore reports each as unraisable: one traceback
+  each on stderr (a dozen on GCS). Exactly those are dropped (a RuntimeError whose outermost Python frame
+  is `call_soon_threadsafe`: no Python caller); everything else prints as before."""
+  if getattr(sys.unraisablehook, "_musilingo_quiet", False):
+    return
+  previous = sys.unraisablehook  # tensorstore reports a failing callback as "unraisable"
+
+  def hook(unraisable):
+    tb = unraisable.exc_traceback
+    if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
+      return
+    previous(unraisable)
+
+  hook._musilingo_quiet = True
+  sys.unraisablehook = hook
+
+
+def _on_every_process(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(np.asarray(multihost_utils.process_allgather(np.asarray([int(ok)], np.int32)))))

@@ -12,9 +12,13 @@ import os
 
 import ml_collections
 
+from musilingo_jax import sharding
+from musilingo_jax.prompts import LAYOUTS
+from musilingo_jax.train import TRAIN_MODES
+
 ConfigDict = ml_collections.ConfigDict
 
-# SPEC.md section 3: (init lr, min lr, warmup lr, warmup steps, iters/epoch, epochs, batch, accum).
+# The reference's train_configs (docs/reference.md, Training): (init lr, min lr, warmup lr, warmup steps, iters/epoch, epochs, batch, accum).
 REFERENCE_SCHEDULES = {
     "pretrain": (1e-4, 8e-5, 1e-6, 5000, 5000, 4, 8, 1),
     "musicqa": (3e-5, 1e-5, 1e-6, 5000, 5000, 6, 2, 16),
@@ -114,6 +118,13 @@ def base_config() -> ConfigDict:
   c.keep_best = True
   c.compilation_cache = ""        # a directory for JAX's persistent compilation cache ("" = off)
 
+  # Where metrics go besides WORKDIR/tb (TensorBoard) and WORKDIR/metrics.jsonl (process 0 writes all).
+  c.log = ConfigDict()
+  c.log.wandb_project = ""        # Weights & Biases project ("" = off; `pip install -e ".[wandb]"`)
+  c.log.wandb_entity = ""         # W&B team or user ("" = your default)
+  c.log.wandb_mode = ""           # "" (wandb's default: $WANDB_MODE, else online) | online | offline | disabled
+  c.log.wandb_name = ""           # the run's display name ("" = W&B's)
+
   c.eval = ConfigDict()
   c.eval.generate_samples = 32    # generation metrics on this many eval examples at each eval
   c.eval.max_new_tokens = 64
@@ -150,11 +161,11 @@ def _choice(value, field, choices):
     raise ConfigError(f"config.{field} = {value!r}; expected one of {list(choices)}")
 
 
-def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool = True) -> None:
-  """Raises ConfigError naming the field for values that cannot work, before any compute."""
-  from musilingo_jax import sharding
-  from musilingo_jax.prompts import LAYOUTS
-  from musilingo_jax.train import TRAIN_MODES
+def validate(c: ConfigDict, *, num_devices: int | None = None, num_processes: int | None = None,
+             need_data: bool = True) -> None:
+  """Raises ConfigError naming the field for values that cannot work, before any compute. `num_devices`
+  (all hosts' devices) checks the mesh and the batch against it; `num_processes` (hosts) checks that each
+  micro-batch splits evenly over the hosts, which each read their own rows. Makes no network calls."""
 
   _choice(c.stage, "stage", (1, 2))
   _choice(c.model.compute_dtype, "model.compute_dtype", ("float32", "bfloat16"))
@@ -202,15 +213,24 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool =
                                                "up_proj", "down_proj"}
     if bad:
       raise ConfigError(f"config.train.lora.target_modules has unknown layers {sorted(bad)}")
+  if c.get("log") is not None:
+    _choice(c.log.get("wandb_mode", ""), "log.wandb_mode", ("", "online", "offline", "disabled"))
+    if c.log.get("wandb_project", ""):
+      import importlib.util
+      if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"config.log.wandb_project = {c.log.wandb_project!r} needs wandb: "
+                          "pip install -e \".[wandb]\"")
+  # Local paths are checked here; remote ones (gs://...) when a run starts (trainer.check_run_paths,
+  # storage.check_readable): validate() stays offline.
   for field in ("model.checkpoint", "model.llm_gguf"):
     path = c.model[field.split(".")[1]]
-    if path and path != "smollm2" and not os.path.exists(path):
+    if path and path != "smollm2" and "://" not in path and not os.path.exists(path):
       raise ConfigError(f"config.{field} = {path!r}: no such file or directory")
   if need_data and c.data.dataset != "demo":
     if not c.data.records_dir:
       raise ConfigError("config.data.records_dir is empty: point it at the shards written by "
                         "scripts/precompute.py")
-    if not os.path.isdir(c.data.records_dir):
+    if "://" not in c.data.records_dir and not os.path.isdir(c.data.records_dir):
       raise ConfigError(f"config.data.records_dir = {c.data.records_dir!r}: no such directory")
   shape = tuple(c.mesh.shape)
   if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -224,6 +244,9 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, need_data: bool =
     if c.train.batch_size % batch_ways:
       raise ConfigError(f"config.train.batch_size = {c.train.batch_size} does not divide over the "
                         f"{batch_ways} data x fsdp shards of config.mesh.shape = {shape}")
+  if num_processes is not None and c.train.batch_size % num_processes:
+    raise ConfigError(f"config.train.batch_size = {c.train.batch_size} (global rows per micro-batch) does not "
+                      f"split over the {num_processes} hosts (each reads its own rows)")
 
 
 def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:

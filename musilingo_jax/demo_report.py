@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 
+import jax
 import numpy as np
 
-from musilingo_jax import evaluate
+from musilingo_jax import evaluate, storage
+from musilingo_jax.build import prompt_config
 
 
 def majority_accuracy(train_examples, test_examples) -> dict[str, float]:
@@ -37,7 +38,6 @@ def majority_accuracy(train_examples, test_examples) -> dict[str, float]:
 
 
 def report(c, workdir: str, summary: dict, *, limit: int | None = None) -> dict:
-  from musilingo_jax.build import prompt_config
   model, tokenizer, data = summary["model"], summary["tokenizer"], summary["data"]
   test = data.eval_examples(limit)
   train = data.train_examples()
@@ -86,8 +86,8 @@ def report(c, workdir: str, summary: dict, *, limit: int | None = None) -> dict:
   result = {"rows": rows, "with_audio": with_audio["summary"], "audio_zeroed": zeroed["summary"],
             "num_test": len(test), "predictions": with_audio["predictions"],
             "predictions_audio_zeroed": zeroed["predictions"]}
-  with open(os.path.join(workdir, "demo_report.json"), "w") as f:
-    json.dump(result, f, indent=1, default=str)
-  with open(os.path.join(workdir, "demo_report.txt"), "w") as f:
-    f.write(text + "\n")
+  if jax.process_index() == 0:  # local or gs:// workdir
+    out = storage.path(workdir)
+    (out / "demo_report.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "demo_report.txt").write_text(text + "\n")
   return result

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from musilingo_jax import generate as gen, metrics, prompts
+from musilingo_jax import generate as gen, metrics, prompts, storage
 
 # Demo set: which label is the known answer of each question kind (captions: text metrics only).
 FACT_LABEL = {"instrument": "instrument", "tempo": "tempo_class", "bpm": "bpm", "key": "key",
@@ -184,12 +184,12 @@ def format_report(results: dict) -> str:
 
 
 def write_report(results: dict, out_dir) -> dict[str, Path]:
-  """out_dir/eval.json (everything, predictions beside references) and out_dir/eval.txt (the tables)."""
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  """out_dir/eval.json (everything, predictions beside references) and out_dir/eval.txt (the tables);
+  out_dir may be a gs:// URL (each file written under a temporary name, then renamed into place)."""
   data = {k: ({label: _metric_json(m) for label, m in v.items()} if k in ("reference", "corrected", "factual")
               else v) for k, v in results.items()}
+  out = storage.makedirs(out_dir)
   paths = {"json": out / "eval.json", "table": out / "eval.txt"}
-  paths["json"].write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-  paths["table"].write_text(format_report(results), encoding="utf-8")
+  storage.write_atomic(paths["json"], json.dumps(data, indent=2, ensure_ascii=False, default=str))
+  storage.write_atomic(paths["table"], format_report(results))
   return paths

@@ -2,7 +2,7 @@
 
 TPU pods: `jax.distributed.initialize()` with no arguments finds the coordinator itself.
 Slurm / GPUs: JAX reads SLURM_* variables; pass local device ids explicitly when each process should see
-one GPU (LESSONS.md 8): JAX_LOCAL_DEVICE_IDS=0 (comma list).
+one GPU (else every process grabs every GPU on the node): JAX_LOCAL_DEVICE_IDS=0 (comma list).
 Anywhere: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i.
 """
 

@@ -1,4 +1,4 @@
-"""The reference's prompt, tokenization and batch layout, in one place (SPEC.md section 2).
+"""The reference's prompt, tokenization and batch layout, in one place (docs/reference.md, Sequence and loss).
 
 Stage 2 (instruction data) wraps the question as `"###Human: {} ###Assistant: "` filled with
 `"<Audio><AudioHere></Audio> " + question` and splits at `<AudioHere>`:

@@ -8,14 +8,14 @@ mesh axes it maps to is replicated instead (e.g. Vicuna's vocab of 32001 under t
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import math
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils  # a submodule `import jax` does not load
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -53,7 +53,6 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                      f"but {len(devices)} are available")
   mesh_devices = np.asarray(devices).reshape(shape)
   if len(devices) == len(jax.devices()) and jax.process_count() > 1:
-    from jax.experimental import mesh_utils  # a submodule: `jax.experimental.mesh_utils` is not imported by jax
     mesh_devices = mesh_utils.create_device_mesh(shape, devices)
   return Mesh(mesh_devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -126,29 +125,36 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
 
 # ---- activations -----------------------------------------------------------------------------------
 # Weights carry their shardings in, but without constraints on the activations XLA is free to (and under
-# FSDP does) gather the whole batch onto every chip. Models call `constrain` on their [B, T, D] hidden
-# states; inside `activation_sharding(mesh, rules)` (the trainer and the AOT compiler trace the step there)
-# that pins the batch dimension to the mesh's batch axes, elsewhere it is the identity.
-
-_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("musilingo_activation_sharding", default=None)
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules | str, enabled: bool = True):
-  """Trace model code inside this to constrain its activations (see `constrain`); `enabled=False`: no-op."""
-  token = _ACTIVATIONS.set((mesh, rules) if enabled else None)
-  try:
-    yield
-  finally:
-    _ACTIVATIONS.reset(token)
+# FSDP does) gather the whole batch onto every chip. Models call `constrain(x, cfg.activations)` on their
+# [B, T, D] hidden states. `Activations` (mesh + logical rules) lives in the model's config, a static part
+# of its graph, so jit's cache sees it: a model built for a training mesh traces with the constraints, one
+# built without (`activations=None`) traces none, whatever else runs in the process.
 
 
-def constrain(x: jax.Array, names: Sequence[str | None] = ("batch",)) -> jax.Array:
-  """with_sharding_constraint by logical names (missing trailing names = replicated dimensions) inside
-  `activation_sharding`; the identity outside it."""
-  ctx = _ACTIVATIONS.get()
-  if ctx is None:
+def _frozen_rules(rules: Rules | str):
+  if isinstance(rules, str):
+    return rules
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+  """Where activations go: a mesh and the logical-axis rules (a preset name or (name, axes) pairs).
+  Hashable, so it can sit in a frozen model config (LlamaConfig / MERTConfig `activations`)."""
+  mesh: Mesh
+  rules: Any
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", _frozen_rules(self.rules))
+
+  def spec(self, names: Sequence[str | None], shape: Sequence[int]) -> P:
+    return logical_to_spec(names, shape, self.mesh, self.rules)
+
+
+def constrain(x: jax.Array, activations: Activations | None, names: Sequence[str | None] = ("batch",)) -> jax.Array:
+  """with_sharding_constraint by logical names (missing trailing names = replicated dimensions); the
+  identity when `activations` is None."""
+  if activations is None:
     return x
-  mesh, rules = ctx
   names = tuple(names) + (None,) * (x.ndim - len(names))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh, rules)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(activations.mesh, activations.spec(names, x.shape)))

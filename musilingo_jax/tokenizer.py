@@ -24,10 +24,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_pb
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models as hf_models, pre_tokenizers
+
+from musilingo_jax.convert.readers import read_gguf_layout
+from musilingo_jax.convert.rules import ConversionError
 
 
 class TokenizerError(ValueError):
@@ -40,13 +47,12 @@ _SPECIALS = ("bos", "eos", "pad", "unk")
 # --- GGUF metadata ---
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """The key/value metadata of a GGUF file (v2/v3), without touching the tensor data (convert's header
+  """The key/value metadata of a GGUF file (v2/v3), without touching the tensor data (convert.readers' header
   reader: `gguf.GGUFReader` maps every array element to its own numpy view, about 5 s for a 49k-token
   vocabulary). Arrays of numbers come back as numpy arrays, arrays of strings as lists of str."""
-  from musilingo_jax import convert  # convert imports this module lazily too
   try:
-    return convert.read_gguf_layout(str(path))[0]
-  except convert.ConversionError as e:
+    return read_gguf_layout(str(path))[0]
+  except ConversionError as e:
     raise TokenizerError(str(e)) from None
 
 
@@ -61,8 +67,6 @@ def sentencepiece_model_from_gguf(meta: dict, path: str = "<gguf>") -> bytes:
 
   BPE with byte fallback, identity normalizer with the dummy prefix and escaped whitespace (as LLaMA's own
   tokenizer.model); piece type = GGUF token_type (same numbering as SentencePiece), scores as stored."""
-  from sentencepiece import sentencepiece_model_pb2 as pb
-
   if meta.get("tokenizer.ggml.model") != "llama":
     raise TokenizerError(f"{path}: tokenizer.ggml.model is {meta.get('tokenizer.ggml.model')!r}; "
                          "a SentencePiece model can only be rebuilt from 'llama'")
@@ -72,7 +76,7 @@ def sentencepiece_model_from_gguf(meta: dict, path: str = "<gguf>") -> bytes:
   if not len(tokens) == len(scores) == len(types):
     raise TokenizerError(f"{path}: tokenizer.ggml.tokens/scores/token_type lengths differ "
                          f"({len(tokens)}/{len(scores)}/{len(types)})")
-  m = pb.ModelProto()
+  m = sp_pb.ModelProto()
   for tok, score, ttype in zip(tokens, scores, types):
     p = m.pieces.add()
     p.piece, p.score = tok, float(score)
@@ -84,7 +88,7 @@ def sentencepiece_model_from_gguf(meta: dict, path: str = "<gguf>") -> bytes:
     return int(v) if v is not None else default
 
   t = m.trainer_spec
-  t.model_type = pb.TrainerSpec.BPE
+  t.model_type = sp_pb.TrainerSpec.BPE
   t.vocab_size = len(tokens)
   t.byte_fallback = True
   t.split_digits = True
@@ -124,8 +128,6 @@ def _byte_level_bpe_from_gguf(meta: dict, path: str):
   (ByteLevel pre-tokenizer without prefix space, ByteLevel decoder; control tokens special, user-defined
   tokens added as plain tokens). 'smollm' files ask llama.cpp to split digits one by one first: the
   vocabulary has no token holding a digit next to anything else, so plain ByteLevel gives the same ids."""
-  from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
   pre = meta.get("tokenizer.ggml.pre")
   if pre not in _BYTE_LEVEL_PRE:
     raise TokenizerError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported (supported: "
@@ -138,7 +140,7 @@ def _byte_level_bpe_from_gguf(meta: dict, path: str):
   vocab = {}
   for i, tok in enumerate(tokens):
     vocab[tok if set(tok) <= spelled else "".join(alphabet[b] for b in tok.encode("utf-8"))] = i
-  tk = HFTokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
+  tk = HFTokenizer(hf_models.BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], fuse_unk=False))
   tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tk.decoder = decoders.ByteLevel()
   control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
@@ -207,7 +209,6 @@ class Tokenizer:
     added: dict[str, int] = {}
     cfg = _read_json(d / "tokenizer_config.json") or {}
     if (d / "tokenizer.model").is_file():
-      import sentencepiece as spm
       sp = spm.SentencePieceProcessor()
       try:
         sp.LoadFromSerializedProto((d / "tokenizer.model").read_bytes())
@@ -220,7 +221,6 @@ class Tokenizer:
           added[s] = int(k)
       source = str(d / "tokenizer.model")
     elif (d / "tokenizer.json").is_file():
-      from tokenizers import Tokenizer as HFTokenizer
       try:
         hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
       except Exception as e:  # noqa: BLE001 - tokenizers raises a generic Exception on a bad file
@@ -275,7 +275,6 @@ class Tokenizer:
     meta = read_gguf_metadata(path)
     kind = meta.get("tokenizer.ggml.model")
     if kind == "llama":
-      import sentencepiece as spm
       sp = spm.SentencePieceProcessor()
       sp.LoadFromSerializedProto(sentencepiece_model_from_gguf(meta, path))
       backend = {"sp": sp}
@@ -389,3 +388,30 @@ class Tokenizer:
     kind = "sentencepiece" if self._sp is not None else "tokenizers"
     return (f"Tokenizer({kind}, vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
             f"pad={self.pad_id}{'' if self.explicit_pad else ' (=eos)'}, unk={self.unk_id}, source={self.source!r})")
+
+
+# --- carrying a tokenizer along (scripts/convert_hf.py: OUT/tokenizer) ---
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
+def copy_tokenizer(llm_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path | None:
+  """Carries the LLM's tokenizer into out_dir: the HF tokenizer files of a directory, or a GGUF's own
+  tokenizer (Tokenizer.from_gguf(...).save(...)). Returns out_dir, or None when there is none."""
+  p, out = Path(llm_path), Path(out_dir)
+  directory = p if p.is_dir() else p.parent
+  found = [directory / f for f in TOKENIZER_FILES if (directory / f).exists()]
+  gguf_file = p if p.suffix == ".gguf" else None
+  if gguf_file is None and p.is_dir() and not found and len(list(p.glob("*.gguf"))) == 1:
+    gguf_file = next(p.glob("*.gguf"))
+  if gguf_file is not None and "tokenizer.ggml.model" in read_gguf_layout(str(gguf_file))[0]:
+    out.mkdir(parents=True, exist_ok=True)
+    Tokenizer.from_gguf(gguf_file).save(out)
+    return out
+  if not found:
+    return None
+  out.mkdir(parents=True, exist_ok=True)
+  for f in found:
+    shutil.copy2(f, out / f.name)
+  return out

@@ -1,105 +1,12 @@
-"""Evaluate a MusiLingo model: generate answers, then the reference metrics (as computed and corrected) and
-factual accuracy per question kind (demo set); writes OUT/eval.json (with every prediction) and OUT/eval.txt.
+"""Evaluate a MusiLingo model with the reference metrics (same as `musilingo-evaluate`).
 
-  python scripts/evaluate.py --workdir /runs/musicqa --records /data/rec/musicqa --split eval --out /runs/musicqa/eval
-  python scripts/evaluate.py --checkpoint /ckpt/converted --projection checkpoint_5.pth \
-      --dataset demo --data-dir ~/.cache/musilingo_jax/demo/set-... --split test --limit 50 --out /tmp/eval
-  python scripts/evaluate.py ... --zero-audio     # the same questions with every clip's features zeroed
+  python scripts/evaluate.py --workdir RUN --records DIR --split Eval --out DIR
 
---records reads precomputed ArrayRecord shards (scripts/precompute.py; features used when stored, else the
-audio through the encoder). --dataset reads a release directly (audio decoded and cropped as precompute does,
-deterministic "start" crops). Sampling defaults are the reference's; --greedy for argmax decoding.
-BERTScore uses --bertscore-model (a local roberta-large directory for numbers comparable with published
-ones) or all-MiniLM-L6-v2 (labelled); --no-bertscore skips it. The frozen weights load in --dtype (default
-bfloat16), split over all local devices.
+The program is musilingo_jax/main/evaluate.py; `--help` lists every option. Needs the package installed
+(`pip install -e .`).
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from musilingo_jax import cli, evaluate as ev, prompts  # noqa: E402
-from musilingo_jax.data import readers  # noqa: E402
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  cli.add_model_source(p)
-  data = p.add_mutually_exclusive_group(required=True)
-  data.add_argument("--records", help="a directory of precomputed ArrayRecord shards")
-  data.add_argument("--dataset", choices=readers.DATASETS, help="read a release directly (with --data-dir)")
-  p.add_argument("--data-dir", help="with --dataset: the release's directory")
-  p.add_argument("--split", default="test")
-  p.add_argument("--limit", type=int, default=None, help="the first N examples only")
-  p.add_argument("--out", required=True, help="output directory for eval.json and eval.txt")
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--zero-audio", action="store_true", help="replace every clip's features by zeros (baseline)")
-  p.add_argument("--bertscore-model", default=None, help="a local BERTScore encoder directory (roberta-large)")
-  p.add_argument("--no-bertscore", action="store_true")
-  cli.add_sampling(p)
-  args = p.parse_args(argv)
-  cli.check_model_source(p, args)
-  if args.dataset and not args.data_dir:
-    p.error("--dataset needs --data-dir")
-  return args
-
-
-def records_examples(directory: str, split: str, limit: int | None) -> list[dict]:
-  from musilingo_jax.build import read_records
-  from musilingo_jax.data import records
-  files = records.shard_files(directory, split)
-  if not files:
-    sys.exit(f"evaluate: no {split} shards in {directory} (expected {records.shard_name(split, 0, 1)} ...)")
-  return read_records(files, limit)
-
-
-def release_examples(dataset: str, data_dir: str, split: str, limit: int | None) -> list[dict]:
-  from musilingo_jax.data import audio as audio_lib
-  out, skipped = [], []
-  for sample in readers.read_samples(dataset, data_dir, split):
-    try:
-      window = audio_lib.load_window(sample.audio_source.path, sample_rate=sample.audio_source.sample_rate,
-                                     native_window=audio_lib.NATIVE_WINDOW[dataset], crop="start")
-    except audio_lib.BadAudio as e:
-      skipped.append(str(e))
-      continue
-    out.append({"id": sample.id, "question": sample.question, "answer": sample.answer, "audio": window.audio,
-                **{k: sample.extra[k] for k in ("kind", "labels") if k in sample.extra}})
-    if limit and len(out) >= limit:
-      break
-  if skipped:
-    print(f"evaluate: skipped {len(skipped)} clips: {skipped[:5]}", file=sys.stderr)
-  return out
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    from musilingo_jax.build import format_memory_report, load_for_inference, memory_report, prompt_config
-  except ImportError as e:
-    sys.exit(f"evaluate: musilingo_jax.build.load_for_inference is not available ({e})")
-  model, tokenizer, config = load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
-                                                projection=args.projection, dtype=args.dtype)
-  print(f"evaluate: {format_memory_report(memory_report(model))}", flush=True)
-  prompt_cfg = prompt_config(config) if config is not None else prompts.PromptConfig()
-  if args.records:
-    examples = records_examples(args.records, args.split, args.limit)
-  else:
-    examples = release_examples(args.dataset, args.data_dir, args.split, args.limit)
-  print(f"evaluate: {len(examples)} examples", flush=True)
-  results = ev.evaluate(model, tokenizer, examples, batch_size=args.batch_size, prompt_cfg=prompt_cfg,
-                        bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
-                        zero_audio=args.zero_audio, seed=args.seed, progress=True, greedy=args.greedy,
-                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-  paths = ev.write_report(results, args.out)
-  print(ev.format_report(results))
-  print(f"evaluate: wrote {paths['json']} and {paths['table']}")
-  return 0
-
+from musilingo_jax.main.evaluate import run
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

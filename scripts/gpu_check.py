@@ -9,11 +9,12 @@ dims (4096 / 11008 / 32 heads, vocab 32001, untied) in bf16, the trainable proje
 --rows x --seq tokens with precomputed features [rows, 4, 1024] (MusicQA: 4 audio tokens); then, unless
 --no-audio, the same step with a MERT-v1-330M-shaped encoder (24 layers) inside on 15.5 s clips.
 Attention: --attention cudnn (flash attention through jax.nn.dot_product_attention) is tried first; if it
-fails to compile or run, the step falls back to "xla" and says so (LESSONS.md 9). MFU = the FLOPs the step must
-do (trainer.step_flops: no weight gradients for frozen weights) / step time / the card's dense bf16 peak
+fails to compile or run, the step falls back to "xla" and says so (a kernel that fails on one
+GPU/driver combination must not end the check). MFU = the FLOPs the step must
+do (experiment.step_flops: no weight gradients for frozen weights) / step time / the card's dense bf16 peak
 (H100 / H200 SXM: 989 TFLOP/s; from jax.devices()[0].device_kind), and also over a bf16 matmul measured here.
-Writes one JSON (--out, default $OUT/gpu_check.json or ./gpu_check.json); scripts/benchmark.py folds it in
-when it is saved as BENCHMARKS_GPU.json beside BENCHMARKS.md (or given with --gpu-result).
+Writes one JSON (--out, default $OUT/gpu_check.json or ./gpu_check.json); `python -m benchmarks` folds it in
+when it is saved as BENCHMARKS_GPU.json beside benchmarks/BENCHMARKS.md (or given with --gpu-result).
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Dense bf16 peaks (FLOP/s) by a substring of device_kind; the first match wins.
 PEAKS_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12),
@@ -48,9 +47,12 @@ def peak_for(kind: str) -> float | None:
 
 def build(args, dtype):
   """(plain MusiLingo, state) with attention `xla`; the graph is rebuilt per attention implementation."""
+  from flax import nnx
   from musilingo_jax import build as buildlib
+  from musilingo_jax.models import layers
   from musilingo_jax.models.llama import Llama, LlamaConfig
   from musilingo_jax.models.mert import MERT, MERTConfig
+  from musilingo_jax.models.musilingo import MusiLingo
   if args.cpu_smoke:
     llm_cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
@@ -59,9 +61,10 @@ def build(args, dtype):
   else:
     llm_cfg = LlamaConfig.vicuna_7b(num_hidden_layers=args.layers, dtype=dtype, param_dtype=dtype)
     enc_cfg = MERTConfig.mert_v1_330m(num_hidden_layers=args.encoder_layers, dtype=dtype, param_dtype=dtype)
-  enc = buildlib._random(MERT, enc_cfg, 0, None, None)
-  llm = buildlib._random(Llama, llm_cfg, 7, None, None)
-  return buildlib.compose(enc, llm, pool_frames=args.pool, lora=None, seed=0)
+  enc = buildlib.init_random(MERT, enc_cfg, 0)   # built under jit, on the device
+  llm = buildlib.init_random(Llama, llm_cfg, 7)
+  proj = layers.torch_linear(enc_cfg.hidden_size, llm_cfg.hidden_size, rngs=nnx.Rngs(params=0))
+  return MusiLingo(enc, llm, proj, pool_frames=args.pool)
 
 
 def with_attention(model, impl: str):
@@ -72,7 +75,7 @@ def with_attention(model, impl: str):
   cfg = model.cfg
   new_cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, attention_impl=impl),
                                 encoder=dataclasses.replace(cfg.encoder, attention_impl=impl))
-  abstract = nnx.eval_shape(lambda: MusiLingo(new_cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: MusiLingo.random(new_cfg, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract)
   return nnx.merge(graphdef, nnx.state(model))
 
@@ -99,18 +102,21 @@ def make_batch(args, d_enc: int, vocab: int, use_audio: bool, samples: int):
 
 
 def time_step(model, batch, steps: int, warmup: int) -> dict:
+  """The trainer's step (Experiment: projection trains, the reference's AdamW and schedule) on one device."""
   import jax
   import jax.numpy as jnp
-  from musilingo_jax import train as trainlib
-  model.train()
-  graphdef, trainable, frozen = trainlib.split_model(model, "projection")
-  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it: keep the model's own arrays alive
-  tx = trainlib.make_optimizer(schedule=lambda _: 1e-4)
-  opt_state = jax.jit(tx.init)(trainable)
+  from musilingo_jax import config as cfglib
+  from musilingo_jax import sharding
+  from musilingo_jax.experiment import Experiment
+  c = cfglib.base_config()
+  c.train.trainable, c.train.accum_steps = "projection", 1
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  exp = Experiment.from_config(c, mesh, model=model, data=False)
+  trainable, opt_state = exp.init_state()
+  frozen = exp.frozen
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   t0 = time.perf_counter()
-  step = jax.jit(trainlib.make_train_step(graphdef, tx), donate_argnums=(0, 1)).lower(
-      trainable, opt_state, frozen, batch, jnp.int32(0)).compile()
+  step = exp.train_step(exp.batch_shardings(batch)).lower(trainable, opt_state, frozen, batch, jnp.int32(0)).compile()
   compile_s = time.perf_counter() - t0
   losses = []
   for i in range(warmup):
@@ -127,8 +133,7 @@ def time_step(model, batch, steps: int, warmup: int) -> dict:
 
 
 def run_case(model, args, use_audio: bool, peak, calibrated) -> dict:
-  import jax
-  from musilingo_jax import trainer
+  from musilingo_jax import experiment
   samples = int(round(args.seconds * 24000))
   batch = make_batch(args, model.cfg.encoder.hidden_size, model.cfg.llm.vocab_size, use_audio, samples)
   impls = [args.attention] if args.attention == "xla" else [args.attention, "xla"]
@@ -149,7 +154,7 @@ def run_case(model, args, use_audio: bool, peak, calibrated) -> dict:
         out["traceback"] = traceback.format_exc()[-3000:]
         return out
   frames = int(model.cfg.encoder.feature_lengths(samples)) if use_audio else 0
-  flops = trainer.step_flops(model, args.rows, args.seq, args.n_audio, trainable_mode="projection",
+  flops = experiment.step_flops(model, args.rows, args.seq, args.n_audio, trainable_mode="projection",
                              encoder_frames=frames)
   tokens = args.rows * args.seq
   out.update({"rows": args.rows, "seq": args.seq, "tokens_per_step": tokens, "tokens_per_s": tokens / out["step_s"],
@@ -165,7 +170,7 @@ def run_case(model, args, use_audio: bool, peak, calibrated) -> dict:
 
 
 def headline(result: dict) -> dict | None:
-  """Copies the features case's numbers to the top level (scripts/benchmark.py reads "mfu")."""
+  """Copies the features case's numbers to the top level (`python -m benchmarks` reads "mfu")."""
   main_case = next((c for c in result["cases"] if c["input"] == "features" and "step_s" in c), None)
   if main_case:
     for k in ("mfu", "tokens_per_s", "step_s", "attention_ran"):

@@ -6,7 +6,7 @@
 #   scripts/gpu_check.sh [OUT.json] [gpu_check.py options]     (default OUT.json: $OUT/gpu_check.json)
 #   scripts/gpu_check.sh --cpu-smoke                          (tiny shapes on CPU: checks the script runs)
 #
-# Save the JSON as BENCHMARKS_GPU.json beside BENCHMARKS.md and scripts/benchmark.py reports it.
+# Save the JSON as benchmarks/BENCHMARKS_GPU.json (beside BENCHMARKS.md) and `python -m benchmarks` reports it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu_check.json"

@@ -1,43 +1,12 @@
-"""Build the embedded demo dataset (music21 corpus scores rendered to audio, QA pairs known by construction).
+"""Build the embedded demo data set (same as `musilingo-make-demo-data`).
 
-  python scripts/make_demo_data.py --out data/demo [--num-train-pieces 40 --num-test-pieces 10
-      --clips-per-piece 6 --clip-seconds 10 --seed 0 --renderer auto|fluidsynth|numpy --workers 2]
+  python scripts/make_demo_data.py --out data/demo
 
-Layout and labels: see musilingo_jax/data/demo.py. Reuses DIR when DIR/meta.json has the same parameters.
+The program is musilingo_jax/main/make_demo_data.py; `--help` lists every option. Needs the package installed
+(`pip install -e .`).
 """
 
-import argparse
-import json
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from musilingo_jax.data import demo  # noqa: E402
-
-
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", required=True, help="output folder (audio/, train.json, test.json, meta.json)")
-  p.add_argument("--num-train-pieces", type=int, default=40)
-  p.add_argument("--num-test-pieces", type=int, default=10)
-  p.add_argument("--clips-per-piece", type=int, default=6)
-  p.add_argument("--clip-seconds", type=float, default=10.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--renderer", choices=("auto", "fluidsynth", "numpy"), default="auto")
-  p.add_argument("--workers", type=int, default=2)
-  p.add_argument("--cache-dir", default=None, help=f"parsed-score cache (default {demo.default_cache_dir()})")
-  p.add_argument("--no-cache", action="store_true", help="parse every score afresh")
-  args = p.parse_args(argv)
-  meta = demo.build_demo_dataset(
-      args.out, num_train_pieces=args.num_train_pieces, num_test_pieces=args.num_test_pieces,
-      clips_per_piece=args.clips_per_piece, clip_seconds=args.clip_seconds, seed=args.seed,
-      renderer=args.renderer, workers=args.workers,
-      cache_dir=False if args.no_cache else (args.cache_dir or True))
-  summary = {k: meta[k] for k in ("renderer", "soundfont", "counts", "composers", "build_seconds")}
-  summary["skipped"] = [f"{s['piece']}: {s['reason']}" for s in meta["skipped"]]
-  print(json.dumps(summary, indent=1))
-
+from musilingo_jax.main.make_demo_data import run
 
 if __name__ == "__main__":
-  main()
+  run()

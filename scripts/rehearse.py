@@ -48,8 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the stages run scripts/*.py from here
 GIB = 1 << 30
 
 # The LLaMA-7B (Vicuna-7B v0) shape, and MERT-v1-330M's.

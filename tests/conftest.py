@@ -11,3 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# gcs_bucket / gcs_prefix: a loopback GCS emulator for the gs:// tests (tests/gcs.py).
+pytest_plugins = ["gcs"]

@@ -117,7 +117,7 @@ def test_each_micro_batch_attends_its_longest_clips_tokens(musicqa, use_features
 def test_spliced_audio_never_overwrites_a_prompt_position(musicqa):
   out, enc_cfg, encoder = musicqa
   llm = llama.Llama(llama.LlamaConfig.tiny(), rngs=nnx.Rngs(1))
-  model = MusiLingo(MusiLingoConfig(encoder=enc_cfg, llm=llm.cfg, pool_frames=325), rngs=nnx.Rngs(2))
+  model = MusiLingo.random(MusiLingoConfig(encoder=enc_cfg, llm=llm.cfg, pool_frames=325), rngs=nnx.Rngs(2))
   model.encoder, model.llm = encoder, llm
   slots = build.audio_slots(_config(), enc_cfg, out)
   files = records.shard_files(out, "Finetune")

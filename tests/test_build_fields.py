@@ -1,5 +1,5 @@
 """Every `config.model` field reaches the model `build.build_model` builds, whatever the frozen weights'
-source: random presets, a converted checkpoint (scripts/convert_hf.py's `convert.convert_checkpoint` of
+source: random presets, a converted checkpoint (scripts/convert_hf.py's `convert_musilingo` of
 tiny random transformers models) or a GGUF (a tiny one written here with the `gguf` package).
 
 Each field is set to values that differ from both the config's defaults and the model configs' own
@@ -10,13 +10,16 @@ and the stored weights' dtypes.
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
 
-from musilingo_jax import build, convert
+from musilingo_jax import build
 from musilingo_jax import config as cfglib
+from musilingo_jax.convert import readers
+from musilingo_jax.main.convert_hf import convert_musilingo
 from musilingo_jax.models import mert
 
 SOURCES = ("preset", "converted", "gguf")
@@ -51,8 +54,8 @@ def converted_dir(tmp_path_factory):
   transformers.HubertModel(transformers.HubertConfig(**mert.MERTConfig.tiny().to_hf_config())).eval() \
       .save_pretrained(str(root / "hubert"))
   _hf_llama().save_pretrained(str(root / "llama"))
-  convert.convert_checkpoint(root / "converted", mert=root / "hubert", llm=root / "llama", dtype="float32",
-                             progress=False)
+  convert_musilingo(root / "converted", mert_path=root / "hubert", llm_path=root / "llama", dtype="float32",
+                    progress=False)
   return root / "converted"
 
 
@@ -82,8 +85,8 @@ def gguf_file(tmp_path_factory):
   w.add_token_merges(["a b"])
   w.add_bos_token_id(0)
   w.add_eos_token_id(0)
-  inverse = {v: k for k, v in convert._GGUF_LAYER_NAMES.items()}
-  top = {v: k for k, v in convert._GGUF_TOP_NAMES.items()}
+  inverse = {v: k for k, v in readers._GGUF_LAYER_NAMES.items()}
+  top = {v: k for k, v in readers._GGUF_TOP_NAMES.items()}
   for key, t in hf.state_dict().items():  # random weights: q/k rows need no llama.cpp permutation here
     parts = key.split(".")
     if key.startswith("model.layers."):
@@ -195,8 +198,10 @@ def test_pool_frames(built, source, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_aot_and_presets_use_the_same_overrides(built, variant):
-  """build.model_overrides is what every source applies; AOT's abstract model gets the same configs."""
-  from musilingo_jax import aot
+  """build.model_overrides is what every source applies; the abstract model AOT compiles (Experiment with
+  abstract=True) gets the same configs, plus the run's activation sharding."""
+  import dataclasses
+  from musilingo_jax import experiment, sharding
   c, m = built("preset", variant)
   enc_over, llm_over = build.model_overrides(c)
   for cfg, over in ((m.encoder.cfg, enc_over), (m.llm.cfg, llm_over)):
@@ -205,6 +210,10 @@ def test_aot_and_presets_use_the_same_overrides(built, variant):
   assert set(enc_over) >= {"dtype", "param_dtype", "attention_impl", "spec_augment"}
   assert set(llm_over) >= {"dtype", "param_dtype", "attention_impl"}
   assert build.preset_encoder_config(c) == m.encoder.cfg and build.preset_llm_config(c) == m.llm.cfg
-  a = aot.abstract_model(c)
-  assert a.cfg == m.cfg
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  a = experiment.Experiment.from_config(c, mesh, abstract=True, data=False).model
+  act = experiment.activations_of(c, mesh)
+  assert a.cfg.encoder.activations == act and a.cfg.llm.activations == act and act is not None
+  assert a.cfg == dataclasses.replace(m.cfg, encoder=dataclasses.replace(m.cfg.encoder, activations=act),
+                                      llm=dataclasses.replace(m.cfg.llm, activations=act))
   assert a.encoder.encoder.layers[0].attention.q_proj.kernel.get_value().dtype == _want(variant, "frozen_dtype")

@@ -1,4 +1,4 @@
-"""Readers on tiny fixtures in each released layout (SPEC.md section 5)."""
+"""Readers on tiny fixtures in each released layout (docs/reference.md, Data)."""
 
 import json
 

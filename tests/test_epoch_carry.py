@@ -51,7 +51,7 @@ class Groups:
 @pytest.fixture(scope="module")
 def setup():
   cfg = _configs()
-  model = MusiLingo(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  model = MusiLingo.random(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   graphdef, trainable, frozen = trainlib.split_model(model, "projection")
   micro = [_features_batch(cfg, 100 + i, rows=2) for i in range(EPOCHS * IPE + ACCUM)]  # spare at the end
   return graphdef, trainable, frozen, micro

@@ -12,7 +12,8 @@ import transformers
 from flax import nnx
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from musilingo_jax import convert, generate as gen, prompts
+from musilingo_jax import generate as gen, prompts
+from musilingo_jax.convert.hf import load_hf_tensors
 from musilingo_jax.models import llama
 from musilingo_jax.models.llama import LlamaConfig
 from musilingo_jax.models.mert import MERTConfig
@@ -35,14 +36,14 @@ def models():
   hf.generation_config.pad_token_id = 0
   # Built abstractly and filled from numpy: eager random init compiles one op per shape (slow on 2 cores).
   # The encoder is never run (prompts carry features); the LLM gets the HF weights below.
-  abstract = nnx.eval_shape(lambda: MusiLingo(MusiLingoConfig(encoder=MERTConfig.tiny(), llm=cfg, pool_frames=4),
+  abstract = nnx.eval_shape(lambda: MusiLingo.random(MusiLingoConfig(encoder=MERTConfig.tiny(), llm=cfg, pool_frames=4),
                                               rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda x: jnp.asarray((0.2 * rng.normal(size=x.shape)).astype(x.dtype)), state)
   ours = nnx.merge(graphdef, state)
   tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  convert.load_hf_tensors(ours.llm, llama.HF_KEY_RULES, tensors, ignore=llama.hf_ignore_keys(cfg))
+  load_hf_tensors(ours.llm, llama.HF_KEY_RULES, tensors, ignore=llama.hf_ignore_keys(cfg))
   return ours, hf
 
 

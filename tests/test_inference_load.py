@@ -2,7 +2,7 @@
 projection and LoRA in float32, the memory report, a training run's weights unchanged by the dtype
 override, and --dtype through scripts/generate.py (chat), evaluate.py and export_pytorch.py."""
 
-import importlib.util
+import importlib
 import io
 import json
 import math
@@ -18,13 +18,13 @@ import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from musilingo_jax import build, checkpoint as ckptlib, config as cfglib, convert, generate as gen, prompts
+from musilingo_jax import build, checkpoint as ckptlib, config as cfglib, generate as gen, prompts
 from musilingo_jax import train as trainlib
 from musilingo_jax.data import records
+from musilingo_jax.main.convert_hf import convert_musilingo
 from musilingo_jax.models.llama import LlamaConfig
 from musilingo_jax.models.mert import MERTConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 D_ENC, D_LLM, N_AUDIO, N_NEW = 32, 64, 2, 8
 NO_STOP = dict(stop_sequences=(), eos_ids=())
 
@@ -46,7 +46,7 @@ def converted(tmp_path_factory):
                                                                   "unk_token": "<unk>"}))
   hub = transformers.HubertModel(transformers.HubertConfig(**MERTConfig.tiny().to_hf_config()))
   hub.save_pretrained(root / "encoder")
-  convert.convert_checkpoint(root / "converted", mert=root / "encoder", llm=root / "llm", progress=False)
+  convert_musilingo(root / "converted", mert_path=root / "encoder", llm_path=root / "llm", progress=False)
   rng = np.random.default_rng(0)
   np.savez(root / "proj.npz", kernel=(0.2 * rng.standard_normal((D_ENC, D_LLM))).astype(np.float32),
            bias=(0.1 * rng.standard_normal(D_LLM)).astype(np.float32))
@@ -226,10 +226,8 @@ def test_workdir_run_loads_bf16_with_its_weights(tmp_path, converted, frozen_fro
 
 
 def _script(name):
-  spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  """The program behind scripts/{name}.py."""
+  return importlib.import_module(f"musilingo_jax.main.{name}")
 
 
 def test_generate_chat_and_evaluate_scripts_load_bf16(converted, tmp_path, capsys, monkeypatch):
@@ -253,9 +251,9 @@ def test_generate_chat_and_evaluate_scripts_load_bf16(converted, tmp_path, capsy
     seen["dtype"] = model.llm.model.layers[0].mlp.up_proj.kernel.get_value().dtype
     return {}
   monkeypatch.setattr(evaluate, "records_examples", lambda *a: [])
-  monkeypatch.setattr(evaluate.ev, "evaluate", fake_evaluate)
-  monkeypatch.setattr(evaluate.ev, "write_report", lambda r, out: {"json": "j", "table": "t"})
-  monkeypatch.setattr(evaluate.ev, "format_report", lambda r: "")
+  monkeypatch.setattr("musilingo_jax.evaluate.evaluate", fake_evaluate)  # what evaluate.main imports
+  monkeypatch.setattr("musilingo_jax.evaluate.write_report", lambda r, out: {"json": "j", "table": "t"})
+  monkeypatch.setattr("musilingo_jax.evaluate.format_report", lambda r: "")
   assert evaluate.main(src + ["--records", str(tmp_path), "--out", str(tmp_path / "eval"), "--dtype",
                               "float32"]) == 0
   assert seen["dtype"] == jnp.float32 and "in float32 over 8 devices" in capsys.readouterr().out

@@ -8,7 +8,8 @@ import torch
 import transformers
 from flax import nnx
 
-from musilingo_jax import convert
+from musilingo_jax.convert.hf import export_hf_tensors, load_hf_tensors
+from musilingo_jax.convert.rules import ConversionError
 from musilingo_jax.models import layers, llama
 from musilingo_jax.models.llama import Llama, LlamaConfig
 
@@ -34,7 +35,7 @@ def hf_tensors(hf) -> dict[str, np.ndarray]:
 
 def ours_from(hf, cfg: LlamaConfig, **kw) -> Llama:
   model = Llama(cfg, rngs=nnx.Rngs(0), **kw)
-  convert.load_hf_tensors(model, llama.HF_KEY_RULES, hf_tensors(hf), ignore=llama.hf_ignore_keys(cfg))
+  load_hf_tensors(model, llama.HF_KEY_RULES, hf_tensors(hf), ignore=llama.hf_ignore_keys(cfg))
   return model
 
 
@@ -191,7 +192,7 @@ def test_config_round_trip():
     ({"num_key_value_heads": 3}, "num_key_value_heads"),
 ])
 def test_unsupported_config_fields(change, field):
-  with pytest.raises(convert.ConversionError, match=field):
+  with pytest.raises(ConversionError, match=field):
     LlamaConfig.from_hf_config({**LlamaConfig.tiny().to_hf_config(), **change})
 
 
@@ -200,7 +201,7 @@ def test_export_reloads_in_transformers(tied):
   cfg = LlamaConfig.tiny(num_key_value_heads=2, tie_word_embeddings=tied)
   hf = hf_model(cfg)
   model = ours_from(hf, cfg)
-  exported = convert.export_hf_tensors(model, llama.HF_KEY_RULES)
+  exported = export_hf_tensors(model, llama.HF_KEY_RULES)
   assert ("lm_head.weight" in exported) == (not tied)
   fresh = hf_model(cfg, seed=1)
   state = {k: torch.from_numpy(np.array(v)) for k, v in exported.items()}
@@ -214,13 +215,12 @@ def test_export_reloads_in_transformers(tied):
   np.testing.assert_allclose(hf_logits(fresh, ids), hf_logits(hf, ids), atol=1e-6, rtol=0)
   # A tied state_dict still lists lm_head.weight: importing it needs the tied ignore pattern.
   if tied:
-    with pytest.raises(convert.ConversionError, match="lm_head"):
-      convert.load_hf_tensors(Llama(cfg, rngs=nnx.Rngs(0)), llama.HF_KEY_RULES, hf_tensors(hf),
-                              ignore=llama.HF_IGNORE_KEYS)
+    with pytest.raises(ConversionError, match="lm_head"):
+      load_hf_tensors(Llama(cfg, rngs=nnx.Rngs(0)), llama.HF_KEY_RULES, hf_tensors(hf),
+                      ignore=llama.HF_IGNORE_KEYS)
   # Old checkpoints carry rotary buffers; they are ignored.
   tensors = {**hf_tensors(hf), "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(8, np.float32)}
-  convert.load_hf_tensors(Llama(cfg, rngs=nnx.Rngs(0)), llama.HF_KEY_RULES, tensors,
-                          ignore=llama.hf_ignore_keys(cfg))
+  load_hf_tensors(Llama(cfg, rngs=nnx.Rngs(0)), llama.HF_KEY_RULES, tensors, ignore=llama.hf_ignore_keys(cfg))
 
 
 def test_param_axes_lora_and_pluggable_attention():

@@ -9,8 +9,8 @@ import torch
 from flax import nnx
 from transformers import HubertConfig, HubertModel
 
-from musilingo_jax import convert
-from musilingo_jax.convert import ConversionError
+from musilingo_jax.convert.hf import export_hf_tensors, load_hf_tensors
+from musilingo_jax.convert.rules import ConversionError
 from musilingo_jax.models.mert import HF_KEY_RULES, MERT, MERTConfig, time_mask_indices
 
 G_NEW = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
@@ -50,7 +50,7 @@ def hf_tensors(model: HubertModel) -> dict[str, np.ndarray]:
 def ours_from(cfg: MERTConfig, tensors: dict) -> MERT:
   """Our model with the HF weights; built abstractly (no init compute), every parameter is then loaded."""
   model = nnx.eval_shape(lambda: MERT(cfg, rngs=nnx.Rngs(0)))
-  convert.load_hf_tensors(model, HF_KEY_RULES, tensors, source="test")
+  load_hf_tensors(model, HF_KEY_RULES, tensors, source="test")
   return model
 
 
@@ -126,7 +126,7 @@ def test_export_reloads_into_hubert():
   cfg = CASES["post_ln_layer_norm_convs"]
   hf = hf_model(cfg)
   ours = ours_from(cfg, hf_tensors(hf))
-  exported = convert.export_hf_tensors(ours, HF_KEY_RULES)
+  exported = export_hf_tensors(ours, HF_KEY_RULES)
   assert G_OLD in exported and V_OLD in exported
   renamed = {{G_OLD: G_NEW, V_OLD: V_NEW}.get(k, k): torch.from_numpy(v) for k, v in exported.items()}
   fresh = HubertModel(HubertConfig(**cfg.to_hf_config()))

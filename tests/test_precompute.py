@@ -1,6 +1,5 @@
 """scripts/precompute.py and data/records.py: records, bad-input accounting, resumability, features."""
 
-import importlib.util
 import json
 import math
 import os
@@ -111,11 +110,9 @@ def _demo(root: Path, n=5, seconds=1.0):
 
 
 def _load_script():
-  path = Path(__file__).resolve().parents[1] / "scripts" / "precompute.py"
-  spec = importlib.util.spec_from_file_location("precompute_script", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """The program behind scripts/precompute.py."""
+  from musilingo_jax.main import precompute
+  return precompute
 
 
 def test_cli_resumes_finished_shards(tmp_path, capsys):
@@ -181,7 +178,8 @@ def _random_tiny_mert():
 def test_encoder_features(tmp_path):
   import jax
   from flax import nnx
-  from musilingo_jax import convert
+  from musilingo_jax.convert.hf import export_pretrained
+  from musilingo_jax.models import mert
   encoder = _random_tiny_mert()
   fn = records.make_encoder_fn(encoder, pool_frames=10)
   data = _demo(tmp_path / "demo", n=2, seconds=0.5)
@@ -204,7 +202,7 @@ def test_encoder_features(tmp_path):
   with pytest.raises(FileNotFoundError, match="no test shards"):
     records.feature_stats(tmp_path / "rec", "test")
   # The CLI's --encoder path: a converted checkpoint directory loads back to the same weights.
-  loaded = records.load_encoder(convert.export_encoder_hf(encoder, tmp_path / "enc"))
+  loaded = records.load_encoder(export_pretrained(mert.HF_KIND, encoder, tmp_path / "enc"))
   for a, b in zip(jax.tree.leaves(nnx.state(encoder, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

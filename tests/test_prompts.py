@@ -1,4 +1,4 @@
-"""Prompt segments, the reference batch layout and generation prompts (SPEC.md section 2)."""
+"""Prompt segments, the reference batch layout and generation prompts (docs/reference.md, Sequence and loss)."""
 
 import numpy as np
 import pytest

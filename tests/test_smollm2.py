@@ -13,9 +13,10 @@ import torch
 import transformers
 from flax import nnx
 
-from musilingo_jax import assets, convert
+from musilingo_jax import assets
+from musilingo_jax.convert.hf import export_hf_tensors, import_pretrained
 from musilingo_jax.models import llama
-from musilingo_jax.tokenizer import Tokenizer
+from musilingo_jax.tokenizer import Tokenizer, copy_tokenizer
 
 PROMPT = ("<|im_start|>user\nDescribe the sound of a piano in one sentence.<|im_end|>\n"
           "<|im_start|>assistant\n")
@@ -40,7 +41,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def ours(gguf_path):
-  return convert.import_pretrained("llm", gguf_path, dtype="float32")
+  return import_pretrained(llama.HF_KIND, gguf_path, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_config(ours):
 def test_weights_equal_transformers(ours, ref):
   model, _ = ours
   theirs = ref.state_dict()
-  hf = convert.export_hf_tensors(model, llama.HF_KEY_RULES)
+  hf = export_hf_tensors(model, llama.HF_KEY_RULES)
   assert set(hf) == set(theirs) - {"lm_head.weight"}  # tied: transformers lists the shared tensor twice
   for k, v in hf.items():
     assert np.array_equal(v, theirs[k].numpy()), k  # max diff 0
@@ -116,7 +117,7 @@ def test_greedy_tokens(ours, ref, prompt_ids):
 
 
 def test_gguf_tokenizer_carried_along(tmp_path, gguf_path, prompt_ids):
-  """convert_checkpoint copies a GGUF's own tokenizer into OUT/tokenizer; it reads back to the same ids."""
-  assert convert.copy_tokenizer(gguf_path, tmp_path / "tokenizer") is not None
+  """copy_tokenizer (convert_hf.py's OUT/tokenizer) copies a GGUF's own tokenizer; it reads back to the same ids."""
+  assert copy_tokenizer(gguf_path, tmp_path / "tokenizer") is not None
   tok = Tokenizer.from_dir(tmp_path / "tokenizer")
   assert tok.encode(PROMPT) == prompt_ids and tok.eos_id == 2

@@ -51,7 +51,7 @@ def test_llama_matches_all_reference_tokenizations(llama):
 def test_llama_musilingo_ids(llama):
   assert llama.encode("###") == [835]
   assert llama.encode("###Human: <Audio>") == [835, 29950, 7889, 29901, 529, 17111, 29958]
-  assert llama.encode("text###")[-2:] == [2277, 29937]  # the end marker glued to the answer (SPEC 2)
+  assert llama.encode("text###")[-2:] == [2277, 29937]  # the end marker glued to the answer (docs/reference.md)
   assert (llama.bos_id, llama.eos_id, llama.pad_id, llama.unk_id) == (1, 2, 2, 0)
   assert not llama.explicit_pad and llama.vocab_size == 32000
   assert llama.id_to_piece(835) == "▁###" and llama.piece_to_id("▁###") == 835

@@ -1,4 +1,4 @@
-"""musilingo_jax.torch_reference against our model: weights copied ours -> torch give the same loss (raw audio
+"""musilingo_jax.testing.torch_reference against our model: weights copied ours -> torch give the same loss (raw audio
 and precomputed features), and the eager reference step (AdamW on the projection + LoRA adapters) takes the
 same steps as our jitted step. This is what makes the benchmark's step comparison like for like."""
 
@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from musilingo_jax import prompts
-from musilingo_jax import torch_reference as tr
+from musilingo_jax.testing import torch_reference as tr
 from musilingo_jax import train as trainlib
 from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig, causal_lm_loss
@@ -39,7 +39,7 @@ def test_weights_copied_to_torch_give_our_loss_both_ways_in():
   cfg = MusiLingoConfig(encoder=mert.MERTConfig.tiny(), llm=llama.LlamaConfig.tiny(num_key_value_heads=2,
                                                                                      tie_word_embeddings=True),
                         pool_frames=POOL)
-  ours = MusiLingo(cfg, rngs=nnx.Rngs(3))
+  ours = MusiLingo.random(cfg, rngs=nnx.Rngs(3))
   ref = tr.TorchMusiLingo.from_ours(ours)
   rng = np.random.default_rng(0)
   samples = 4000
@@ -63,7 +63,7 @@ def test_weights_copied_to_torch_give_our_loss_both_ways_in():
 def test_eager_reference_step_takes_our_steps_with_lora():
   lora = layers.LoRAConfig(rank=2, alpha=4.0, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
   cfg = MusiLingoConfig(encoder=mert.MERTConfig.tiny(), llm=llama.LlamaConfig.tiny(), pool_frames=POOL, lora=lora)
-  ours = MusiLingo(cfg, rngs=nnx.Rngs(params=5, dropout=6))
+  ours = MusiLingo.random(cfg, rngs=nnx.Rngs(params=5, dropout=6))
   for path, var in nnx.to_flat_state(nnx.state(ours, nnx.LoRAParam)):  # B away from zero: adapters matter
     if path[-1] == "lora_b":
       var.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), var.get_value().shape))
@@ -91,3 +91,23 @@ def test_eager_reference_step_takes_our_steps_with_lora():
   ours_q = trainable["llm"]["model"]["layers"][1]["self_attn"]["q_proj"]
   np.testing.assert_allclose(np.asarray(ours_q["lora_b"].get_value()), q.lora_b.detach().numpy(), rtol=1e-4, atol=1e-6)
 
+
+
+def test_product_code_never_imports_the_testing_package():
+  """musilingo_jax.testing (torch_reference imports torch and transformers) is for tests and benchmarks only:
+  no module of musilingo_jax outside musilingo_jax/testing/ imports it, at module level or in a function."""
+  import ast
+  from pathlib import Path
+  pkg = Path(__file__).resolve().parents[1] / "musilingo_jax"
+  bad = []
+  for path in sorted(pkg.rglob("*.py")):
+    if path.parent.name == "testing" and path.parent.parent == pkg:
+      continue
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom) and node.module
+               else [])
+      if any(n == "musilingo_jax.testing" or n.startswith("musilingo_jax.testing.") or n.endswith(".torch_reference")
+             for n in names):
+        bad.append(f"{path.relative_to(pkg.parent)}:{node.lineno}")
+  assert not bad, f"product modules import musilingo_jax.testing: {bad}"

@@ -1,10 +1,12 @@
 """The composition against a PyTorch reference, both ways in, the sharded step, what trains, LoRA, schedule.
 
-The PyTorch reference (musilingo_jax/torch_reference.py, written from SPEC.md: HubertModel + Linear +
+The PyTorch reference (musilingo_jax/testing/torch_reference.py, written from the reference code, see
+docs/reference.md: HubertModel + Linear +
 LlamaForCausalLM, the reference's instruction_prompt_wrap / forward) shares random weights with ours through
 the key tables.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -15,13 +17,14 @@ import pytest
 import torch
 from flax import nnx
 
-from musilingo_jax import prompts, sharding
+from musilingo_jax import config as cfglib
+from musilingo_jax import experiment, prompts, sharding
 from musilingo_jax import train as trainlib
 from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig, causal_lm_loss, pooled_features
-from musilingo_jax import torch_reference as tr
-from musilingo_jax.torch_reference import TorchMusiLingo
-from musilingo_jax.torch_reference import reference_loss as _torch_reference_loss
+from musilingo_jax.testing import torch_reference as tr
+from musilingo_jax.testing.torch_reference import TorchMusiLingo
+from musilingo_jax.testing.torch_reference import reference_loss as _torch_reference_loss
 
 POOL = 7
 SAMPLES = 2400  # 0.1 s at 24 kHz -> 7 frames with the conv stack below... computed by the config
@@ -50,7 +53,7 @@ def reference():
   hub, lm, proj = ref.hub, ref.lm, ref.proj
   _perturb(hub, 1)
   _perturb(lm, 2)
-  ours = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  ours = MusiLingo.random(cfg, rngs=nnx.Rngs(0))
   ref.load_into_ours(ours)
   return cfg, hub, lm, proj, ours
 
@@ -140,11 +143,12 @@ def _weights(state):
 
 
 def _run_steps(mesh_shape, rules, n_steps=2, mode="projection", lora=None, accum=1):
-  cfg = _configs(lora)
-  model = MusiLingo(cfg, rngs=nnx.Rngs(params=0, dropout=1))
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape)])
+  # The model carries the run's activation sharding, as Experiment builds it for the trainer.
+  cfg = _with_activations(_configs(lora), sharding.Activations(mesh, rules))
+  model = MusiLingo.random(cfg, rngs=nnx.Rngs(params=0, dropout=1))
   graphdef, trainable, frozen = trainlib.split_model(model, mode)
   tx = _tx(accum)
-  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:math.prod(mesh_shape)])
   rep = sharding.replicated(mesh)
   t_sh = sharding.state_shardings(trainable, mesh, rules)
   f_sh = sharding.state_shardings(frozen, mesh, rules)
@@ -161,8 +165,7 @@ def _run_steps(mesh_shape, rules, n_steps=2, mode="projection", lora=None, accum
       step = trainlib.jit_train_step(
           trainlib.make_train_step(graphdef, tx, accum_steps=accum), trainable_sh=t_sh, opt_sh=o_sh,
           frozen_sh=f_sh, batch_sh={k: v.sharding for k, v in batch.items()}, replicated=rep)
-    with sharding.activation_sharding(mesh, rules):  # traced as the trainer traces it
-      trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(s))
+    trainable, opt_state, m = step(trainable, opt_state, frozen, batch, jnp.asarray(s))
     losses.append(float(m["loss"]))
   return losses, trainable, opt_state, frozen, frozen_before
 
@@ -184,31 +187,41 @@ def test_sharded_step_equals_one_device(single_device_run, shape, rules):
                                err_msg=str(p))
 
 
+def _with_activations(cfg, activations):
+  return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, activations=activations),
+                             llm=dataclasses.replace(cfg.llm, activations=activations))
+
+
 def test_hidden_states_keep_the_batch_split_under_fsdp():
-  """Inside activation_sharding the LLM's and the encoder's hidden states are constrained to the batch
-  axes (without it XLA may gather the whole batch onto every chip); outside, nothing is added."""
+  """A model whose configs carry `sharding.Activations` constrains the LLM's and the encoder's hidden states
+  to the batch axes (without it XLA may gather the whole batch onto every chip); one built without adds
+  nothing. The constraint is part of the model's graph, so one jitted function traced for both models
+  keeps them apart (jit's cache sees it)."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   cfg = _configs()
-  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
   mesh = sharding.make_mesh((2, 4, 1))
+  plain_model = MusiLingo.random(cfg, rngs=nnx.Rngs(0))
+  constrained = MusiLingo.random(_with_activations(cfg, sharding.Activations(mesh, "fsdp")), rngs=nnx.Rngs(0))
   batch = jax.tree.map(jnp.asarray, _features_batch(cfg, 0, rows=8))
   audio = jnp.zeros((8, SAMPLES), jnp.float32)
+  fwd = nnx.jit(lambda m, b, a: (m(b), m.encoder(a)))  # one function for both models
 
-  def fwd():  # a fresh function each time: jit's trace cache does not key on the context
-    return lambda b, a: (model(b), model.encoder(a))
-
-  plain = jax.jit(fwd()).lower(batch, audio).as_text()
+  plain = fwd.lower(plain_model, batch, audio).as_text()
   assert "sharding_constraint" not in plain
-  with sharding.activation_sharding(mesh, "fsdp"):
-    text = jax.jit(fwd()).lower(batch, audio).as_text()
+  text = fwd.lower(constrained, batch, audio).as_text()
   n_constraints = text.count("sharding_constraint")
   # one per LLM layer + its input, one per encoder layer + its input, one per conv layer
   want = (cfg.llm.num_hidden_layers + 1) + (cfg.encoder.num_hidden_layers + 1) + len(cfg.encoder.conv_dim)
   assert n_constraints == want, (n_constraints, want)
   assert text.count('[{"data", "fsdp"}, {}, {}]') == want
-  with sharding.activation_sharding(mesh, "fsdp", enabled=False):  # config.mesh.constrain_activations=False
-    assert "sharding_constraint" not in jax.jit(fwd()).lower(batch, audio).as_text()
+  assert "sharding_constraint" not in fwd.lower(plain_model, batch, audio).as_text()  # not a stale trace
+  # config.mesh.constrain_activations=False: the run's models carry none.
+  c = cfglib.base_config()
+  c.mesh.rules = "fsdp"
+  assert experiment.activations_of(c, mesh) == sharding.Activations(mesh, "fsdp")
+  c.mesh.constrain_activations = False
+  assert experiment.activations_of(c, mesh) is None
 
 
 def test_frozen_unchanged_and_no_optimizer_state_for_it(single_device_run):
@@ -226,8 +239,8 @@ def test_frozen_unchanged_and_no_optimizer_state_for_it(single_device_run):
 
 def test_lora_starts_at_base_model_and_merges():
   cfg_base, cfg_lora = _configs(), _configs(layers.LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj")))
-  base = MusiLingo(cfg_base, rngs=nnx.Rngs(0))
-  adapted = MusiLingo(cfg_lora, rngs=nnx.Rngs(0))
+  base = MusiLingo.random(cfg_base, rngs=nnx.Rngs(0))
+  adapted = MusiLingo.random(cfg_lora, rngs=nnx.Rngs(0))
   # Same base weights: copy them over by path (the LoRA leaves are extra).
   base_state = nnx.state(base, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
   nnx.update(adapted, base_state)
@@ -261,7 +274,7 @@ def test_lora_mode_trains_only_projection_and_adapters():
 
 def test_gradient_accumulation_sums_micro_batch_gradients():
   cfg = _configs()
-  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  model = MusiLingo.random(cfg, rngs=nnx.Rngs(0))
   graphdef, trainable, frozen = trainlib.split_model(model, "projection")
   big = _features_batch(cfg, 5, rows=8)
   micro = trainlib._micro_batches(jax.tree.map(jnp.asarray, big), 2)
@@ -293,7 +306,7 @@ def test_head_at_label_positions_only_gives_the_same_loss_and_gradients(layout):
   """MusiLingo.loss with K >= every row's label count equals the full-logits reference loss (value and
   gradients); K below a row's label count is refused loudly (NaN), never silently wrong."""
   cfg = _configs(lora=layers.LoRAConfig(rank=2, alpha=4.0, dropout=0.0))
-  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  model = MusiLingo.random(cfg, rngs=nnx.Rngs(0))
   graphdef, trainable, frozen = trainlib.split_model(model, "projection+lora")
   rng = np.random.default_rng(3)
   exs = [{"before": rng.integers(3, 90, 3).astype(np.int32),
@@ -326,7 +339,7 @@ def test_feature_norm_folds_into_an_equal_plain_projection():
   """The demo's feature standardisation changes what the projection sees; projection_weights folds it into
   one Linear on raw features (what export writes and the torch reference loads) with the same output."""
   cfg = _configs()
-  model = MusiLingo(cfg, rngs=nnx.Rngs(0))
+  model = MusiLingo.random(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
   d = cfg.encoder.hidden_size
   feats = jnp.asarray(3.0 + 0.1 * rng.standard_normal((2, 3, d)), jnp.float32)

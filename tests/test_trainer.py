@@ -21,8 +21,6 @@ def _env(devices=1, **extra):
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["HF_HUB_OFFLINE"] = "1"
-  env.pop("MUSILINGO_FAULT_NAN_AT_STEP", None)
-  env.pop("MUSILINGO_FAULT_KILL_AT_STEP", None)
   env.update({k: str(v) for k, v in extra.items()})
   return env
 
@@ -31,8 +29,11 @@ def _env(devices=1, **extra):
 COMMON = ["--config.eval.generate_samples=0", "--config.eval_every=100"]
 
 
-def _train(workdir, *args, devices=1, check=True, **env):
-  proc = subprocess.run(TRAIN + ["--workdir", str(workdir)] + COMMON + list(args), env=_env(devices, **env),
+def _train(workdir, *args, devices=1, check=True, fault=(), **env):
+  """scripts/train.py in a subprocess; fault=("--kill-at-step", "3") runs it through tests/fault_train.py,
+  which registers the matching trainer hook."""
+  cmd = TRAIN if not fault else [sys.executable, str(ROOT / "tests" / "fault_train.py"), *map(str, fault)] + TRAIN[2:]
+  proc = subprocess.run(cmd + ["--workdir", str(workdir)] + COMMON + list(args), env=_env(devices, **env),
                         capture_output=True, text=True, timeout=600)
   if check and proc.returncode != 0:
     raise AssertionError(f"train.py exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -70,7 +71,7 @@ def test_smoke_preset_end_to_end(uninterrupted):
 
 def test_resume_after_kill_9_is_bitwise_identical(uninterrupted, tmp_path):
   ref_dir, _ = uninterrupted
-  killed = _train(tmp_path, check=False, MUSILINGO_FAULT_KILL_AT_STEP=3)
+  killed = _train(tmp_path, check=False, fault=("--kill-at-step", 3))
   assert killed.returncode == -signal.SIGKILL
   # Step 2's async save may still have been in flight at the kill: then only its temporary directory exists,
   # it is never taken for a checkpoint, and the run restarts from scratch. Either way the result is the same.
@@ -103,7 +104,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  proc = _train(tmp_path, check=False, MUSILINGO_FAULT_NAN_AT_STEP=2)
+  proc = _train(tmp_path, check=False, fault=("--nan-at-step", 2))
   assert proc.returncode == 2
   assert "non-finite loss" in proc.stderr and "last good checkpoint is step 2" in proc.stderr
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -120,6 +121,47 @@ def test_restore_onto_a_different_device_count(uninterrupted, tmp_path):
   a, b = _params(tmp_path, 4), _params(ref_dir, 4)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _truncate_arrays(step_dir: Path) -> int:
+  """Cuts every array data file of a checkpoint step (the OCDBT `d/` files) to half its size."""
+  files = [f for item in ("trainable", "opt_state") for f in (step_dir / item).glob("**/d/*") if f.is_file()]
+  for f in files:
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2])
+  return len(files)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_path):
+  """Step 4's array files truncated: the same command warns naming step 4, sets it aside and resumes from
+  step 2 to the same parameters and losses. With every step damaged it stops (exit 2, one line per step)
+  and moves nothing: a config that no longer matches its checkpoints fails them all alike."""
+  import shutil
+  ref_dir, _ = uninterrupted
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  assert _truncate_arrays(workdir / "checkpoints" / "4") > 0
+  proc = _train(workdir)
+  warning = [l for l in proc.stderr.splitlines() if "does not restore" in l]
+  assert len(warning) == 1 and "checkpoint step 4" in warning[0] and "resuming from step 2" in warning[0], \
+      proc.stderr[-3000:]
+  assert "OUT_OF_RANGE" in warning[0] or "DATA_LOSS" in warning[0] or "Error" in warning[0]
+  assert "Traceback" not in proc.stderr
+  assert f"resumed from {workdir}/checkpoints/2" in proc.stdout
+  aside = [p.name for p in (workdir / "checkpoints").iterdir() if p.name.startswith("unrestorable-4-")]
+  assert len(aside) == 1 and aside[0] in warning[0]
+  ref, got = _params(ref_dir, 4), _params(workdir, 4)
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k])
+  assert _losses(workdir)[4] == _losses(ref_dir)[4]
+
+  for step in (2, 4):
+    _truncate_arrays(workdir / "checkpoints" / str(step))
+  proc = _train(workdir, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = [l for l in proc.stderr.splitlines() if l.strip()][-1]
+  assert last.startswith(f"error: no checkpoint in {workdir}/checkpoints restores: step 4: ") and "step 2: " in last
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 
 def _smoke_config(**overrides):

@@ -1,7 +1,7 @@
 """Audio I/O for precompute: read any released format, mix to mono, crop/pad by the reference's policy,
 resample to 24 kHz.
 
-Reference policy (SPEC.md section 5):
+Reference policy (docs/reference.md, Data):
   * LP-MusicCaps-MSD: crop (random in training) or zero-pad to 732,000 samples counted at the file's
     native rate, then resample to 24 kHz;
   * MusicQA: the same with 372,000 native samples (random crop at eval too in the reference; ours is
@@ -228,12 +228,13 @@ def read_do_normalize(directory: str | os.PathLike | None) -> bool | None:
   without the key means transformers' default, True."""
   if not directory:
     return None
-  f = os.path.join(os.fspath(directory), PREPROCESSOR_CONFIG)
-  if not os.path.isfile(f):
-    return None
   import json
-  with open(f, encoding="utf-8") as fh:
-    cfg = json.load(fh)
+
+  from etils import epath
+  f = epath.Path(directory) / PREPROCESSOR_CONFIG  # a local folder or a gs:// URL
+  if not f.is_file():
+    return None
+  cfg = json.loads(f.read_text(encoding="utf-8"))
   value = cfg.get("do_normalize", True)
   if not isinstance(value, bool):
     raise ValueError(f"{f}: do_normalize = {value!r}; expected true or false")

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from musilingo_jax.data import render as render_lib
 
@@ -347,7 +348,6 @@ def _select_pieces(num: dict[str, int], seed: int, pool_map, cache_dir, progress
   seeded order and results are placed in slot order, whatever order the workers finish in. Train never
   takes a file of a work used in test. Test slots use only the composers that train slots will get.
   """
-  from tqdm import tqdm
   order, queues, test_ok = _queues(_corpus_root(), seed)
   chosen = {s: [] for s in SPLITS}
   skipped, test_works, tried = [], set(), set()
@@ -476,7 +476,6 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
 
   cache_dir: True = default_cache_dir(), a path, or None/False to parse every piece afresh.
   """
-  from tqdm import tqdm
   if num_train_pieces < 1 or num_test_pieces < 1 or clips_per_piece < 1 or clip_seconds <= 0:
     raise ValueError("num_train_pieces, num_test_pieces, clips_per_piece and clip_seconds must be positive")
   out = Path(out_dir)

@@ -21,22 +21,28 @@ collater does.
 
 The iterator's state (`get_state(it)`) is Grain's plus the process index/count and the skip counts; a
 restore with a different process count is refused (the per-process slices would not line up).
+
+Shards in a bucket (gs://): ArrayRecord reads local files only, so `StagedArrayRecordSource` stages each
+shard into this host's local cache (`storage.stage`: $MUSILINGO_STAGING_DIR, keyed by URL, size and mtime,
+copied under a temporary name and renamed) the first time this process reads a record of it. Lengths come
+from the shards' sidecars (`written`), so nothing is downloaded up front: each host downloads only the
+shards its rows fall in, once (a restart finds them in the cache). docs/DESIGN.md, "Paths: local or gs://".
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
-import glob
 import json
 import os
 import sys
-from pathlib import Path
+import threading
 from typing import Any, Sequence
 
 import grain
 import numpy as np
 
-from musilingo_jax import prompts
+from musilingo_jax import prompts, storage
 from musilingo_jax.data import audio as audio_lib
 from musilingo_jax.data import records
 
@@ -44,35 +50,112 @@ SKIP_REASONS = ("corrupt_record", "empty_answer", "over_long_text")
 _END = b""  # marks a row past the end of the data (never a valid record)
 
 
+def _glob(pattern: str) -> list[str]:
+  """Files matching a glob pattern (local or gs://; magic characters in the last component only when
+  remote)."""
+  if not storage.is_remote(pattern):
+    import glob
+    return glob.glob(pattern)
+  parent, name = pattern.rsplit("/", 1)
+  return [os.fspath(p) for p in storage.path(parent).glob(name)]
+
+
 def resolve_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-  """A glob pattern, a directory (all its *.array_record), one file, or a list of files -> sorted paths."""
+  """A glob pattern, a directory (all its *.array_record), one file, or a list of files -> sorted paths
+  (local paths or gs:// URLs)."""
   if isinstance(files, (str, os.PathLike)):
     f = os.fspath(files)
-    if os.path.isdir(f):
-      out = sorted(glob.glob(os.path.join(f, "*.array_record")))
-    elif any(c in f for c in "*?["):
-      out = sorted(glob.glob(f))
+    if any(c in f for c in "*?["):
+      out = sorted(_glob(f))
+    elif storage.path(f).is_dir():
+      out = sorted(os.fspath(p) for p in storage.path(f).glob("*.array_record"))
     else:
       out = [f]
   else:
     out = sorted(os.fspath(x) for x in files)
   if not out:
     raise FileNotFoundError(f"no ArrayRecord files match {files!r}")
-  missing = [f for f in out if not os.path.isfile(f)]
+  missing = [f for f in out if not storage.path(f).is_file()]
   if missing:
     raise FileNotFoundError(f"ArrayRecord files not found: {missing[:5]}")
   return out
 
 
+def _split_of(f: str) -> tuple[str, str]:
+  """(folder, split) of a shard path `{folder}/{split}-00000-of-00001.array_record`."""
+  folder, name = os.fspath(f).rsplit("/", 1) if "/" in os.fspath(f) else (".", os.fspath(f))
+  return folder, name.rsplit("-", 3)[0]
+
+
 def _reported_audio_samples(files: Sequence[str]) -> int | None:
   """max_audio_samples from the precompute reports beside the shards ({split}-report.json)."""
   best = None
-  for key in sorted({(os.path.dirname(f), os.path.basename(f).rsplit("-", 3)[0]) for f in files}):
-    path = Path(key[0]) / f"{key[1]}-report.json"
+  for folder, split in sorted({_split_of(f) for f in files}):
+    path = storage.path(folder) / f"{split}-report.json"
     if path.is_file():
       value = json.loads(path.read_text()).get("max_audio_samples")
       best = value if best is None else max(best, value)
   return best
+
+
+class StagedArrayRecordSource:
+  """A Grain random-access source over ArrayRecord shards in a bucket (gs://): each shard is staged into
+  the host's local cache (`storage.stage`) when this process first reads one of its records, then read
+  with ArrayRecord. Record counts come from the shards' sidecars (`{shard}.json`, "written"; a shard
+  without one is staged to count it). Pickles without its open readers (Grain worker processes)."""
+
+  def __init__(self, files: Sequence[str]):
+    self._files = [os.fspath(f) for f in files]
+    counts = []
+    for f in self._files:
+      side = storage.path(f + ".json")
+      n = json.loads(side.read_text()).get("written") if side.is_file() else None
+      if n is None:
+        n = len(grain.sources.ArrayRecordDataSource([storage.stage(f)]))
+      counts.append(int(n))
+    self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    self._readers: dict[int, Any] = {}
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def _reader(self, shard: int):
+    reader = self._readers.get(shard)
+    if reader is None:
+      with self._lock:
+        reader = self._readers.get(shard)
+        if reader is None:
+          reader = grain.sources.ArrayRecordDataSource([storage.stage(self._files[shard])])
+          have, want = len(reader), self._starts[shard + 1] - self._starts[shard]
+          if have != want:
+            raise ValueError(f"{self._files[shard]}: {have} records, its sidecar says {want}")
+          self._readers[shard] = reader
+    return reader
+
+  def __getitem__(self, index: int) -> bytes:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    shard = bisect.bisect_right(self._starts, index) - 1
+    return self._reader(shard)[index - self._starts[shard]]
+
+  def __getstate__(self):
+    return {"_files": self._files, "_starts": self._starts}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._readers, self._lock = {}, threading.Lock()
+
+  def __repr__(self) -> str:
+    return f"StagedArrayRecordSource({len(self._files)} shards, {len(self)} records, {self._files[0]}...)"
+
+
+def array_record_source(paths: Sequence[str]):
+  """Grain's ArrayRecordDataSource over local shards; `StagedArrayRecordSource` when any is remote."""
+  if any(storage.is_remote(p) for p in paths):
+    return StagedArrayRecordSource(paths)
+  return grain.sources.ArrayRecordDataSource(list(paths))
 
 
 def _fit(x: np.ndarray, n: int) -> np.ndarray:
@@ -318,7 +401,7 @@ def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_si
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   paths = resolve_files(files)
-  source = grain.sources.ArrayRecordDataSource(paths)
+  source = array_record_source(paths)
   if len(source) == 0:
     raise ValueError(f"no records in {paths}")
   first = None

@@ -1,4 +1,4 @@
-"""One reader per released annotation layout (SPEC.md section 5), all yielding `Sample`s.
+"""One reader per released annotation layout (docs/reference.md, Data), all yielding `Sample`s.
 
   lp-musiccaps-msd  HF `datasets` DatasetDict saved with `save_to_disk` (splits train/valid/test); rows
                     use `path` (relative to the audio root) and `caption_writing`; no question (stage 1).

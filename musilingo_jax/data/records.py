@@ -18,9 +18,16 @@ Record = one msgpack map (schema 1); numpy arrays are maps {"__nd__": dtype.str,
   extra        JSON text of the remaining annotation fields
 
 Shards are `{split}-{i:05d}-of-{n:05d}.array_record` (group_size 1: cheap random access). Each finished
-shard has a `.json` sidecar with its counts, so a rerun skips it and still reports it; both files are
-written under temporary names and renamed (sidecar first, shard last: the shard's presence = done).
-`{split}-manifest.json` pins the settings a resume must share; `{split}-report.json` is the final report.
+shard has a `.json` sidecar with its counts (and record count), so a rerun skips it and still reports it;
+both files are written under temporary names and renamed (sidecar first, shard last: the shard's presence =
+done). `{split}-manifest.json` pins the settings a resume must share; `{split}-report.json` is the final
+report.
+
+The output folder may be a gs:// URL (musilingo_jax/storage.py): ArrayRecord writes local files only, so a
+shard is written into a local temporary folder, then uploaded under a temporary object name and renamed
+into place after its sidecar; a shard object therefore exists only complete, and `shard_files` never lists
+a temporary name. Reports, manifest and feature statistics are written the same way (temporary name, then
+rename).
 """
 
 from __future__ import annotations
@@ -31,14 +38,18 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
+from tqdm import tqdm
 
+from musilingo_jax import storage
+from musilingo_jax.convert.readers import read_config
 from musilingo_jax.data import audio as audio_lib
 from musilingo_jax.data import readers
 
@@ -104,22 +115,29 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def shard_files(out_dir: str | os.PathLike, split: str) -> list[str]:
-  """The finished shards of a split, in order."""
-  return sorted(str(p) for p in Path(out_dir).glob(f"{split}-?????-of-?????.array_record"))
+  """The finished shards of a split, in order (local paths or gs:// URLs)."""
+  d = storage.path(out_dir)
+  if not d.is_dir():
+    return []
+  return sorted(os.fspath(p) for p in d.glob(f"{split}-?????-of-?????.array_record"))
 
 
-def report_path(out_dir, split) -> Path:
-  return Path(out_dir) / f"{split}-report.json"
+def report_path(out_dir, split):
+  """OUT/{split}-report.json (an etils.epath.Path: local or gs://)."""
+  return storage.path(out_dir) / f"{split}-report.json"
 
 
-def manifest_path(out_dir, split) -> Path:
-  return Path(out_dir) / f"{split}-manifest.json"
+def manifest_path(out_dir, split):
+  return storage.path(out_dir) / f"{split}-manifest.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+def sidecar_path(shard: str | os.PathLike):
+  """A shard's `.json` sidecar (its counts; `written` = records in the shard)."""
+  return storage.path(os.fspath(shard) + ".json")
+
+
+def _atomic_write_text(path, text: str) -> None:
+  storage.write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -231,8 +249,8 @@ def precompute(cfg: PrecomputeConfig,
     raise ValueError(f"unknown dataset {cfg.dataset!r}; expected one of {readers.DATASETS}")
   samples = list(readers.read_samples(cfg.dataset, cfg.data_dir, cfg.split,
                                       musicinstruct_file=cfg.musicinstruct_file))
-  out = Path(cfg.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
+  out = storage.makedirs(cfg.out_dir)
+  remote = storage.is_remote(cfg.out_dir)
   n_shards = max(1, math.ceil(len(samples) / cfg.shard_size))
   manifest = cfg.manifest(len(samples), n_shards)
   mpath = manifest_path(out, cfg.split)
@@ -293,7 +311,6 @@ def precompute(cfg: PrecomputeConfig,
       features_cache.popitem(last=False)
     return feats
 
-  from tqdm import tqdm
   shard_stats: list[dict] = []
   resumed = 0
   t0 = time.time()
@@ -310,19 +327,37 @@ def precompute(cfg: PrecomputeConfig,
       shard_stats.append(None)
       todo.append(i)
 
-  from array_record.python import array_record_module
   bar = tqdm(total=len(samples), initial=done_before, unit="ex", disable=not cfg.progress,
              desc=f"{cfg.dataset}/{cfg.split}")
+  local_tmp = tempfile.mkdtemp(prefix="musilingo-shards-") if remote and todo else None
+  try:
+    _write_shards(cfg, out, todo, samples, n_shards, shard_stats, load, features_of, extractor, bar, remote,
+                  local_tmp)
+  finally:
+    if local_tmp is not None:
+      shutil.rmtree(local_tmp, ignore_errors=True)
+  bar.close()
+  report = _report(cfg, manifest, shard_stats, resumed, time.time() - t0)
+  _atomic_write_text(report_path(out, cfg.split), json.dumps(report, indent=1))
+  return report
+
+
+def _write_shards(cfg, out, todo, samples, n_shards, shard_stats, load, features_of, extractor, bar, remote,
+                  local_tmp) -> None:
+  """Writes the shards `todo` (precompute's loop); a remote shard goes through `local_tmp`, then upload."""
+  from array_record.python import array_record_module
   with cf.ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
     for i in todo:
       final = out / shard_name(cfg.split, i, n_shards)
       side = final.with_name(final.name + ".json")
-      tmp = final.with_name(f".{final.name}.tmp")
+      # ArrayRecord writes local files: beside the shard, or in a local folder when OUT is gs://
+      tmp = (os.path.join(local_tmp, final.name) if remote
+             else os.fspath(final.with_name(f".{final.name}.tmp")))
       lo = i * cfg.shard_size
       chunk = list(enumerate(samples[lo:lo + cfg.shard_size], start=lo))
       stats = {"shard": final.name, "samples": len(chunk), "written": 0, "skipped": [],
                "audio_samples": 0, "max_audio_samples": 0, "feature_frames": 0, "feature_dim": 0}
-      writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+      writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
       try:
         for sample, res in _bounded_map(pool, load, chunk, in_flight=2 * max(1, cfg.workers) + 2):
           bar.update(1)
@@ -359,12 +394,12 @@ def precompute(cfg: PrecomputeConfig,
       finally:
         writer.close()
       _atomic_write_text(side, json.dumps(stats))
-      os.replace(tmp, final)
+      if remote:
+        storage.upload(tmp, final)  # a temporary object renamed into place: the shard exists only whole
+        os.remove(tmp)
+      else:
+        os.replace(tmp, final)
       shard_stats[i] = stats
-  bar.close()
-  report = _report(cfg, manifest, shard_stats, resumed, time.time() - t0)
-  _atomic_write_text(report_path(out, cfg.split), json.dumps(report, indent=1))
-  return report
 
 
 def _report(cfg: PrecomputeConfig, manifest: dict, shard_stats: Sequence[dict], resumed: int,
@@ -417,8 +452,8 @@ def feature_stats(out_dir, split: str) -> dict:
   files = shard_files(out_dir, split)
   if not files:
     raise FileNotFoundError(f"{out_dir}: no {split} shards to compute feature statistics from")
-  shards = [[os.path.basename(f), os.path.getsize(f)] for f in files]
-  path = Path(out_dir) / f"{split}-feature-stats.json"
+  shards = [[os.path.basename(f), storage.path(f).stat().length] for f in files]
+  path = storage.path(out_dir) / f"{split}-feature-stats.json"
   if path.is_file():
     cached = json.loads(path.read_text())
     if cached.get("shards") == shards:
@@ -426,7 +461,7 @@ def feature_stats(out_dir, split: str) -> dict:
   total = total_sq = None
   tokens = 0
   for f in files:
-    src = grain.sources.ArrayRecordDataSource([f])
+    src = grain.sources.ArrayRecordDataSource([storage.stage(f)])
     for i in range(len(src)):
       rec = decode_record(src[i])
       feats = rec.get("features")
@@ -471,12 +506,15 @@ def make_encoder_fn(encoder, pool_frames: int) -> Callable[[np.ndarray], np.ndar
 def load_encoder(directory: str | os.PathLike, *, dtype: str = "float32"):
   """The MERT encoder of a scripts/convert_hf.py directory (params/encoder), or of a Hugging Face
   MERT/HuBERT directory (config.json + safetensors/bin) -> MERT module."""
-  from musilingo_jax import convert
-  if (Path(directory) / "params" / "encoder").exists():
-    encoder, _, _, _ = convert.load_converted(directory, dtype=dtype, roles=("encoder",))
+  # Local: jax, flax, Orbax and the model load only when an encoder is wanted (as elsewhere in this module).
+  from musilingo_jax.convert.converted import load_converted
+  from musilingo_jax.convert.hf import import_pretrained
+  from musilingo_jax.models import mert
+  if (storage.path(directory) / "params" / mert.HF_KIND.name).exists():
+    (encoder,), _ = load_converted(directory, (mert.HF_KIND,), dtype=dtype)
     return encoder
-  if convert.read_config(directory) is None:
+  if read_config(directory) is None:
     raise ValueError(f"{directory}: neither a converted checkpoint (params/encoder) nor an HF MERT "
                      "directory (config.json)")
-  encoder, _ = convert.import_pretrained("encoder", directory, dtype=dtype)
+  encoder, _ = import_pretrained(mert.HF_KIND, directory, dtype=dtype)
   return encoder

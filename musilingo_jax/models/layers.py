@@ -92,6 +92,18 @@ class Linear(nnx.Module):
     return (k.astype(jnp.float32) + delta).astype(k.dtype)
 
 
+def torch_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, in_axis: str | None = None,
+                 out_axis: str | None = "embed", dtype=jnp.float32) -> Linear:
+  """A float32 Linear with bias initialised as torch.nn.Linear is by default: kernel, then bias, each
+  uniform in +-1/sqrt(in_features), drawn in that order from `rngs.params()` (the reference's llama_proj)."""
+  bound = 1.0 / (in_features ** 0.5)
+  init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+  lin = Linear(in_features, out_features, use_bias=True, in_axis=in_axis, out_axis=out_axis, rngs=rngs,
+               dtype=dtype, kernel_init=init)
+  lin.bias.set_value(init(rngs.params(), (out_features,), jnp.float32))
+  return lin
+
+
 def lora_for(name: str, lora: LoRAConfig | None) -> LoRAConfig | None:
   """The adapter config for the Linear called `name`, or None if it is not a target."""
   return lora if lora is not None and name in lora.target_modules else None

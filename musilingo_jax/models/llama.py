@@ -2,7 +2,7 @@
 
 Parameter paths mirror the HF keys (`model.layers.3.self_attn.q_proj.kernel` <-> `...q_proj.weight`), so
 `HF_KEY_RULES` is mechanical. Rotary embeddings use HF's rotate-half layout on unpermuted q/k weights, and
-q is not pre-scaled: 1/sqrt(head_dim) is applied inside attention (LESSONS 1). Compute runs in
+q is not pre-scaled: 1/sqrt(head_dim) is applied inside attention (as transformers does). Compute runs in
 `cfg.dtype`; RMSNorm statistics, rotary angles, the attention softmax and the returned logits are float32.
 
 Slots and masks. Every query and key has a *slot*: its index in the key/value sequence attention runs
@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from musilingo_jax import convert
-from musilingo_jax.convert import ConversionError, KeyRule
+from musilingo_jax.convert.rules import LINEAR, ConversionError, KeyRule, ModelKind
 from musilingo_jax.models import layers
 from musilingo_jax.sharding import constrain
 
@@ -71,6 +70,9 @@ class LlamaConfig:
   dtype: Any = jnp.float32  # compute
   param_dtype: Any = jnp.float32
   attention_impl: str | None = "xla"  # jax.nn.dot_product_attention(implementation=...); None = JAX picks
+  # Activation sharding (sharding.Activations: mesh + logical rules) for the hidden states; None = none.
+  # Static in the model's graph, so jit caches by it; not in repr (the demo's records key on the repr).
+  activations: Any = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -371,10 +373,11 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, lora: layers.LoRAConfig | None = None,
                attention_fn: AttentionFn = dot_product_attention):
     self.cfg = cfg
+    self.lora = lora
     self.model = LlamaModel(cfg, rngs=rngs, lora=lora, attention_fn=attention_fn)
     self.lm_head = None if cfg.tie_word_embeddings else layers.Linear(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, in_axis="embed", out_axis="vocab", rngs=rngs,
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=layers.lora_for("lm_head", lora))
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype)  # no adapter: config.train.lora.target_modules excludes it
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[B, T] int -> [B, T, hidden] in the compute dtype (for splicing other embeddings in)."""
@@ -412,10 +415,10 @@ class Llama(nnx.Module):
              cfg.attention_impl, cfg.dtype.name, t, n_slots)
     cos, sin = rotary_cos_sin(cfg, positions)
     new_cache = None if cache is None else []
-    x = constrain(x)
+    x = constrain(x, cfg.activations)
     for i, layer in enumerate(self.model.layers):
       x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-      x = constrain(x)
+      x = constrain(x, cfg.activations)
       if cache is not None:
         new_cache.append(layer_cache)
     return self.model.norm(x), new_cache
@@ -445,7 +448,7 @@ def _linear_rules(prefix: str, names: tuple[str, ...]) -> list[KeyRule]:
   rules = []
   for n in names:
     rules.append(KeyRule(f"model.layers.{{i}}.{prefix}.{n}.weight", f"model.layers.{{i}}.{prefix}.{n}.kernel",
-                         convert.LINEAR))
+                         LINEAR))
     # Only consulted when the config has attention_bias / mlp_bias (import/export walk our parameters).
     rules.append(KeyRule(f"model.layers.{{i}}.{prefix}.{n}.bias", f"model.layers.{{i}}.{prefix}.{n}.bias"))
   return rules
@@ -460,7 +463,7 @@ HF_KEY_RULES: list[KeyRule] = [
             "model.layers.{i}.post_attention_layernorm.weight"),
     KeyRule("model.norm.weight", "model.norm.weight"),
     # Untied models only: a tied model has no lm_head parameter, so export never writes this key.
-    KeyRule("lm_head.weight", "lm_head.kernel", convert.LINEAR),
+    KeyRule("lm_head.weight", "lm_head.kernel", LINEAR),
 ]
 
 # HF checkpoint keys that are not parameters: rotary inverse-frequency buffers (older checkpoints saved them).
@@ -471,5 +474,9 @@ TIED_IGNORE_KEYS: tuple[str, ...] = (r"^lm_head\.weight$",)
 
 
 def hf_ignore_keys(cfg: LlamaConfig) -> tuple[str, ...]:
-  """The `ignore` regexes for `convert.load_hf_tensors`: HF_IGNORE_KEYS, plus lm_head.weight when tied."""
+  """The `ignore` regexes for `convert.hf.load_hf_tensors`: HF_IGNORE_KEYS, plus lm_head.weight when tied."""
   return HF_IGNORE_KEYS + (TIED_IGNORE_KEYS if cfg.tie_word_embeddings else ())
+
+
+# What musilingo_jax.convert needs to import / export / restore this model (it never imports the models).
+HF_KIND = ModelKind("llm", Llama, LlamaConfig, HF_KEY_RULES, hf_types=("llama",), ignore_for=hf_ignore_keys)

@@ -5,7 +5,7 @@
       -> + GELU(weight-normed grouped Conv1d) positional embedding
       -> L transformer layers (pre-LN for MERT-v1-330M, post-LN for MERT-v1-95M)
 
-`MERT.__call__` returns every hidden state, in the reference order (SPEC.md section 1):
+`MERT.__call__` returns every hidden state, in the reference order (docs/reference.md, Model):
   pre-LN  (do_stable_layer_norm=True):  [x + pos, out_1, ..., out_{L-1}, LayerNorm(out_L)]   L+1 states
   post-LN (do_stable_layer_norm=False): [LayerNorm(x + pos), out_1, ..., out_L]             L+1 states
 transformers 5's HubertModel puts the un-normed out_L last on the pre-LN path (its `last_hidden_state`
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from musilingo_jax.convert import CONV1D, IDENTITY, LINEAR, ConversionError, KeyRule
+from musilingo_jax.convert.rules import CONV1D, IDENTITY, LINEAR, ConversionError, KeyRule, ModelKind
 from musilingo_jax.models.layers import LayerNorm, Linear, param
 from musilingo_jax.sharding import constrain
 
@@ -59,6 +59,9 @@ class MERTConfig:
   mask_time_min_masks: int = 2
   spec_augment: bool = False  # SpecAugment time masking, in training mode only (the reference's quirk)
   attention_impl: str | None = "xla"  # jax.nn.dot_product_attention implementation: "xla", "cudnn", None=auto
+  # Activation sharding (sharding.Activations: mesh + logical rules) for the hidden states; None = none.
+  # Static in the model's graph, so jit caches by it; not in repr (the demo's records key on the repr).
+  activations: Any = dataclasses.field(default=None, repr=False)
   dtype: Any = jnp.float32  # compute dtype; norms and softmax run in f32 regardless
   param_dtype: Any = jnp.float32
 
@@ -91,7 +94,7 @@ class MERTConfig:
       n = (n - k) // s + 1
     return n
 
-  # ---- presets (SPEC.md section 1) ----
+  # ---- presets (the released MERT-v1 checkpoints' config.json) ----
   @classmethod
   def mert_v1_330m(cls, **overrides) -> "MERTConfig":
     return cls(**{**dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
@@ -262,6 +265,7 @@ class ConvLayer(nnx.Module):
 class FeatureEncoder(nnx.Module):
   def __init__(self, cfg: MERTConfig, *, rngs: nnx.Rngs):
     self.conv_layers = nnx.List([ConvLayer(cfg, i, rngs=rngs) for i in range(len(cfg.conv_dim))])
+    self.activations = cfg.activations
 
   def __call__(self, input_values: jax.Array, pad_samples: jax.Array | None = None) -> jax.Array:
     """[B, S] -> [B, T, C]. pad_samples [B]: the length each row's audio was zero-padded to in a batch of
@@ -273,7 +277,7 @@ class FeatureEncoder(nnx.Module):
       if i == 0 and pad_samples is not None:
         k, s = layer.conv.kernel.shape[0], layer.conv.stride
         valid = (pad_samples.astype(jnp.int32) - k) // s + 1
-      x = constrain(layer(x, valid))
+      x = constrain(layer(x, valid), self.activations)
     return x
 
 
@@ -400,18 +404,19 @@ class Encoder(nnx.Module):
     self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, axis_name="embed", dtype=cfg.dtype,
                                 param_dtype=cfg.param_dtype)
     self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.activations = cfg.activations
 
   def __call__(self, x: jax.Array, frame_mask: jax.Array | None) -> list[jax.Array]:
     frame_lengths = None
     if frame_mask is not None:
       x = jnp.where(frame_mask[:, :, None], x, jnp.zeros((), x.dtype))  # padded frames -> 0 before pos conv
       frame_lengths = frame_mask.sum(-1).astype(jnp.int32)
-    x = constrain(x + self.pos_conv_embed(x))
+    x = constrain(x + self.pos_conv_embed(x), self.activations)
     if not self.pre_ln:
       x = self.layer_norm(x)
     states = [x]
     for layer in self.layers:
-      x = constrain(layer(x, frame_lengths))
+      x = constrain(layer(x, frame_lengths), self.activations)
       states.append(x)
     if self.pre_ln:
       states[-1] = self.layer_norm(x)
@@ -561,3 +566,15 @@ HF_KEY_RULES: list[KeyRule] = [
     *[KeyRule(f"encoder.layers.{{i}}.{n}.{w}", f"encoder.layers.{{i}}.{n}.{w}")
       for n in ("layer_norm", "final_layer_norm") for w in ("weight", "bias")],
 ]
+
+
+def _current_hubert_name(rule: KeyRule, names: list[str]) -> str:
+  """transformers 5's HubertModel spells the weight-norm pair parametrizations.weight.original0/1."""
+  return next((n for n in names if ".parametrizations." in n), names[0])
+
+
+# What musilingo_jax.convert needs to import / export / restore this model (it never imports the models).
+# Export writes the weight-norm pair under the names current transformers uses; a converted directory keeps
+# the source's preprocessor_config.json (the feature extractor's do_normalize, which the data path follows).
+HF_KIND = ModelKind("encoder", MERT, MERTConfig, HF_KEY_RULES, hf_types=("hubert", "mert", "mert_model"),
+                    prefer=_current_hubert_name, extra_files=("preprocessor_config.json",))

@@ -22,7 +22,6 @@ with the affine projection, so precomputing the pooled features loses nothing.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -123,18 +122,32 @@ class FeatureNorm(nnx.Module):
 
 
 class MusiLingo(nnx.Module):
+  """The composition: `MusiLingo(encoder, llm, projection, pool_frames=..., feature_norm=None)` takes built
+  modules (random, converted or abstract: see `musilingo_jax.build`); `MusiLingo.random(cfg, rngs=...)`
+  builds all three from configs (tests)."""
 
-  def __init__(self, cfg: MusiLingoConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    self.encoder = MERT(cfg.encoder, rngs=rngs)
-    self.llm = Llama(cfg.llm, rngs=rngs, lora=cfg.lora)
-    d_enc, d_llm = cfg.encoder.hidden_size, cfg.llm.hidden_size
-    bound = 1.0 / math.sqrt(d_enc)  # torch.nn.Linear's default init, kernel and bias
-    init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-    self.llama_proj = layers.Linear(d_enc, d_llm, use_bias=True, in_axis=None, out_axis="embed",
-                                    rngs=rngs, dtype=jnp.float32, kernel_init=init)
-    self.llama_proj.bias.set_value(init(rngs.params(), (d_llm,), jnp.float32))
-    self.feature_norm: FeatureNorm | None = nnx.data(None)
+  def __init__(self, encoder: MERT, llm: Llama, projection: layers.Linear, *, pool_frames: int = 325,
+               feature_norm: FeatureNorm | None = None):
+    d_enc, d_llm = encoder.cfg.hidden_size, llm.cfg.hidden_size
+    kshape = tuple(projection.kernel.get_value().shape)
+    if kshape != (d_enc, d_llm):
+      raise ValueError(f"projection kernel {kshape} does not map the encoder's {d_enc} to the LLM's {d_llm}")
+    self.cfg = MusiLingoConfig(encoder=encoder.cfg, llm=llm.cfg, pool_frames=pool_frames, lora=llm.lora)
+    self.encoder = encoder
+    self.llm = llm
+    self.llama_proj = projection
+    if feature_norm is not None and feature_norm.mean.get_value().shape != (d_enc,):
+      raise ValueError(f"feature statistics have shape {feature_norm.mean.get_value().shape}, the encoder "
+                       f"{(d_enc,)}")
+    self.feature_norm: FeatureNorm | None = nnx.data(feature_norm)
+
+  @classmethod
+  def random(cls, cfg: MusiLingoConfig, *, rngs: nnx.Rngs) -> "MusiLingo":
+    """Encoder, LLM and projection (torch's Linear init) initialised from `rngs`, in that order."""
+    encoder = MERT(cfg.encoder, rngs=rngs)
+    llm = Llama(cfg.llm, rngs=rngs, lora=cfg.lora)
+    projection = layers.torch_linear(cfg.encoder.hidden_size, cfg.llm.hidden_size, rngs=rngs)
+    return cls(encoder, llm, projection, pool_frames=cfg.pool_frames)
 
   def set_feature_norm(self, mean, std) -> None:
     """Standardise the projection's input with these per-dimension statistics (None, None: off)."""

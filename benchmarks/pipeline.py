@@ -1,11 +1,13 @@
 """Examples/s of the Grain input pipeline on a synthetic ArrayRecord set at the demo shape.
 
-  python scripts/bench_pipeline.py                       # 10 s clips (240,000 int16 samples), batch 8
-  python scripts/bench_pipeline.py --threads 4 --json /tmp/bench.json
-  python scripts/bench_pipeline.py --features            # precomputed features [3, 1024] float16 instead
+  python -m benchmarks.pipeline                       # 10 s clips (240,000 int16 samples), batch 8
+  python -m benchmarks.pipeline --threads 4 --json /tmp/bench.json
+  python -m benchmarks.pipeline --features            # precomputed features [3, 1024] float16 instead
+  python -m benchmarks.pipeline --quick               # 64 records, 10 timed batches
 
 The set (--records records in 4 shards, written once to a temporary folder) holds demo-like questions and
 answers; tokenization uses a whitespace stand-in unless --tokenizer names a tokenizer directory or GGUF.
+`run_pipeline` is what `python -m benchmarks` runs (beside the examples/s the train step consumes).
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from benchmarks.harness import add_common_args, parse
+from musilingo_jax import prompts
+from musilingo_jax.data import pipeline, records
 
-from musilingo_jax import prompts  # noqa: E402
-from musilingo_jax.data import pipeline, records  # noqa: E402
+QUICK = dict(records=64, steps=10)  # what --quick means
 
 
 class WordTokenizer:
@@ -59,7 +62,8 @@ def write_set(out: Path, n: int, samples: int, features: bool, shards: int = 4) 
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.split("\n\n")[0])
+  add_common_args(p, json_help="also write the result here")
   p.add_argument("--records", type=int, default=256)
   p.add_argument("--seconds", type=float, default=10.0, help="clip length (demo: 10 s)")
   p.add_argument("--batch-size", type=int, default=8)
@@ -70,8 +74,7 @@ def main(argv=None) -> int:
   p.add_argument("--layout", default="reference", choices=prompts.LAYOUTS)
   p.add_argument("--features", action="store_true", help="use precomputed features instead of audio")
   p.add_argument("--tokenizer", default=None, help="tokenizer directory or .gguf (default: stand-in)")
-  p.add_argument("--json", default=None, help="also write the result here")
-  args = p.parse_args(argv)
+  args = parse(p, argv, quick_defaults=QUICK)
 
   tok = WordTokenizer()
   if args.tokenizer:
@@ -113,6 +116,18 @@ def main(argv=None) -> int:
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=1))
   return 0
+
+
+def run_pipeline(quick: bool, features: bool, seconds: float, batch: int) -> dict:
+  """main() above on 64 records at the step's clip length and batch size; its result dict."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = Path(tmp) / "p.json"
+    argv = ["--records", "64", "--steps", "10" if quick else "25", "--batch-size", str(batch),
+            "--seconds", str(seconds), "--json", str(out)]
+    if features:
+      argv.append("--features")
+    main(argv)
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

