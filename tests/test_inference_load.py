@@ -14,16 +14,13 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-import transformers
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import tiny_hf
 from musilingo_jax import build, checkpoint as ckptlib, config as cfglib, generate as gen, prompts
 from musilingo_jax import train as trainlib
 from musilingo_jax.data import records
-from musilingo_jax.main.convert_hf import convert_musilingo
-from musilingo_jax.models.llama import LlamaConfig
-from musilingo_jax.models.mert import MERTConfig
 
 D_ENC, D_LLM, N_AUDIO, N_NEW = 32, 64, 2, 8
 NO_STOP = dict(stop_sequences=(), eos_ids=())
@@ -33,23 +30,7 @@ NO_STOP = dict(stop_sequences=(), eos_ids=())
 def converted(tmp_path_factory):
   """A converted tiny MERT + LLaMA (float32, with a word-level tokenizer) and a projection .npz."""
   root = tmp_path_factory.mktemp("inference")
-  torch.manual_seed(0)
-  hc = transformers.LlamaConfig(**{**LlamaConfig.tiny(num_key_value_heads=2).to_hf_config(),
-                                   "initializer_range": 0.1})
-  transformers.LlamaForCausalLM(hc).save_pretrained(root / "llm")
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, hc.vocab_size)}}
-  tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tk.pre_tokenizer = pre_tokenizers.Whitespace()
-  tk.save(str(root / "llm" / "tokenizer.json"))
-  (root / "llm" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                                  "unk_token": "<unk>"}))
-  hub = transformers.HubertModel(transformers.HubertConfig(**MERTConfig.tiny().to_hf_config()))
-  hub.save_pretrained(root / "encoder")
-  convert_musilingo(root / "converted", mert_path=root / "encoder", llm_path=root / "llm", progress=False)
-  rng = np.random.default_rng(0)
-  np.savez(root / "proj.npz", kernel=(0.2 * rng.standard_normal((D_ENC, D_LLM))).astype(np.float32),
-           bias=(0.1 * rng.standard_normal(D_LLM)).astype(np.float32))
+  tiny_hf.converted_tiny_models(root)
   return root
 
 
