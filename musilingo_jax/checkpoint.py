@@ -3,8 +3,8 @@
 Frozen weights are referenced (the converted checkpoint's path, or how the demo builds them), never
 copied into each step. Saves are async; the manager keeps the last `keep` steps plus the best by eval
 loss. Restores go against an abstract state carrying the *current* shardings, so a checkpoint written
-on one mesh restores onto another device count (arrays are saved by their global shape). Every process calls save; Orbax has the
-primary write metadata (one writer per file).
+on one mesh restores onto another device count (arrays are saved by their global shape). Every process
+calls save; Orbax has the primary write metadata (one writer per file).
 
 The directory may be local or gs:// (etils.epath paths; Orbax writes arrays through tensorstore). A step is
 listed only once complete: locally it is written under a temporary name and renamed; on GCS (no atomic

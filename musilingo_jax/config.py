@@ -18,7 +18,8 @@ from musilingo_jax.train import TRAIN_MODES
 
 ConfigDict = ml_collections.ConfigDict
 
-# The reference's train_configs (docs/reference.md, Training): (init lr, min lr, warmup lr, warmup steps, iters/epoch, epochs, batch, accum).
+# The reference's train_configs (docs/reference.md, Training): (init lr, min lr, warmup lr, warmup steps,
+# iters/epoch, epochs, batch, accum).
 REFERENCE_SCHEDULES = {
     "pretrain": (1e-4, 8e-5, 1e-6, 5000, 5000, 4, 8, 1),
     "musicqa": (3e-5, 1e-5, 1e-6, 5000, 5000, 6, 2, 16),

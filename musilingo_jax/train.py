@@ -1,8 +1,9 @@
 """What trains, the optimizer and schedule of the reference, and the jitted train step.
 
 The step is a pure function of (trainable, opt_state, frozen, batch, step): the model is split once
-outside the hot loop (no split/merge per step), gradients are taken only with respect to `trainable`, the frozen
-tree gets no optimizer state and is never donated, copied or differentiated (a 7B frozen tree must cost nothing but its one copy).
+outside the hot loop (no split/merge per step), gradients are taken only with respect to `trainable`, the
+frozen tree gets no optimizer state and is never donated, copied or differentiated (a 7B frozen tree must
+cost nothing but its one copy).
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ def calibrate_matmul_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -
 
 def gather_data_state(state: dict) -> dict:
   """Every process's data-iterator state in one JSON item (each process has its own Grain state): Orbax's
-  JsonSave writes from the primary process only, so with several processes the states are all-gathered first. Collective: every
-  process calls it at the same step (as every process calls save)."""
+  JsonSave writes from the primary process only, so with several processes the states are all-gathered
+  first. Collective: every process calls it at the same step (as every process calls save)."""
   if jax.process_count() == 1:
     return state
   raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
