@@ -94,9 +94,71 @@ def load_model(args: argparse.Namespace, prog: str, *, stream=None):
 
 def absl_run(module_name: str, doc: str | None, main) -> None:
   """Console-script entry point of an absl program (musilingo-train, musilingo-aot): absl parses sys.argv,
-  then calls main(argv). (ml_collections reads the --config.x=y overrides from sys.argv itself.)"""
+  then calls main(argv). (ml_collections reads the --config.x=y overrides from sys.argv itself.) A config
+  file that cannot be read or an override of a key the config lacks is one line on stderr and exit 2
+  (`config_error`), not a traceback."""
+  import sys
+
   from absl import app, flags
   absl_help_from(module_name, doc)
   flags.mark_flag_as_required("config")
-  app.run(main)
+  if not {"--help", "-h", "--helpfull", "--helpshort"} & set(sys.argv[1:]):
+    problem = config_error(sys.argv[1:])
+    if problem:
+      print(f"error: {problem}", file=sys.stderr, flush=True)
+      sys.exit(2)
+  started = []
 
+  def run_main(argv):
+    started.append(True)
+    return main(argv)
+  try:
+    app.run(run_main)
+  except Exception as e:  # noqa: BLE001 - only failures while parsing the flags are ours to explain
+    if started:
+      raise
+    print(f"error: {config_error(sys.argv[1:]) or f'{type(e).__name__}: {e}'}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _flat_keys(c, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in c.items():
+    out.append(prefix + k)
+    if hasattr(v, "items") and not isinstance(v, dict):
+      out += _flat_keys(v, prefix + k + ".")
+  return out
+
+
+def config_error(argv: list[str]) -> str | None:
+  """One line for a --config that cannot be built (None when it can): the file that is missing or fails to
+  load (an unknown preset), or a --config.KEY override the config does not have, with the closest keys it
+  does have."""
+  import difflib
+  import importlib.util
+  import os
+
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv and argv.index("--config") + 1 < len(argv):
+    spec = argv[argv.index("--config") + 1]
+  if not spec:
+    return None  # absl says --config is required
+  path, _, preset = spec.partition(":")
+  if not os.path.isfile(path):
+    return f"--config {spec}: no such config file {path!r} (e.g. configs/finetune.py:demo)"
+  try:
+    mod_spec = importlib.util.spec_from_file_location("_musilingo_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    c = mod.get_config(preset) if preset else mod.get_config()
+  except Exception as e:  # noqa: BLE001 - the config file itself fails: say so, in one line
+    return f"--config {spec}: {type(e).__name__}: {e}"
+  known = _flat_keys(c)
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      key = a[len("--config."):].split("=", 1)[0]
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+        hint = f"; closest known: {', '.join('config.' + k for k in close)}" if close else ""
+        return f"--config.{key}: {spec} has no key {key!r}{hint}"
+  return None
