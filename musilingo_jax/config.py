@@ -162,6 +162,26 @@ def _choice(value, field, choices):
     raise ConfigError(f"config.{field} = {value!r}; expected one of {list(choices)}")
 
 
+# Config fields that name local files or directories (gs:// URLs, "" and the name "smollm2" stay as they are).
+PATH_FIELDS = ("model.checkpoint", "model.llm_gguf", "data.records_dir", "data.demo_dir", "compilation_cache")
+
+
+def absolute_paths(c: ConfigDict) -> ConfigDict:
+  """A copy of `c` whose local path fields (PATH_FIELDS) are absolute, so the config.json a run stores means
+  the same from any directory (inference with --workdir, a resume from elsewhere)."""
+  c = c.copy_and_resolve_references()
+  for field in PATH_FIELDS:
+    *parents, name = field.split(".")
+    node = c
+    for p in parents:
+      node = node.get(p) if node is not None else None
+    value = node.get(name) if node is not None else None
+    if isinstance(value, str) and value and "://" not in value and not (field == "model.llm_gguf"
+                                                                          and value == "smollm2"):
+      node[name] = os.path.abspath(value)
+  return c
+
+
 def validate(c: ConfigDict, *, num_devices: int | None = None, num_processes: int | None = None,
              need_data: bool = True) -> None:
   """Raises ConfigError naming the field for values that cannot work, before any compute. `num_devices`

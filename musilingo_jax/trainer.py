@@ -100,7 +100,9 @@ HOOKS: list[Hook] = []
 
 
 def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[str, Any]:
-  """Trains per config `c` in `workdir`; returns a summary dict (final step, last metrics, ...)."""
+  """Trains per config `c` in `workdir`; returns a summary dict (final step, last metrics, ...). Local
+  paths in the config are made absolute first (config.json then means the same from any directory)."""
+  c = cfglib.absolute_paths(c)
   cfglib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count(), need_data=False)
   workdir = check_run_paths(c, workdir)
   if c.compilation_cache:

@@ -1,5 +1,6 @@
 """A --config that cannot be built is one line on stderr and exit status 2, before anything is built: a
-missing config file, an unknown preset, an override of a key the config lacks (with the closest known keys)."""
+missing config file, an unknown preset, an override of a key the config lacks (with the closest known keys).
+And the config a run stores names its local paths absolutely (config.absolute_paths, applied by trainer.run)."""
 
 import subprocess
 import sys
@@ -28,3 +29,18 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, args, expect):
   assert len(errors) == 1 and expect in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()  # nothing was created
+
+
+def test_run_config_paths_become_absolute(tmp_path, monkeypatch):
+  from musilingo_jax import config as cfglib
+  from musilingo_jax.configs import finetune
+  monkeypatch.chdir(tmp_path)
+  c = finetune.get_config("smoke")
+  c.data.records_dir, c.model.checkpoint, c.compilation_cache = "records/musicqa", "gs://bucket/converted", ""
+  a = cfglib.absolute_paths(c)
+  assert a.data.records_dir == str(tmp_path / "records" / "musicqa")
+  assert a.model.checkpoint == "gs://bucket/converted"       # URLs as given
+  assert a.model.llm_gguf == "smollm2" and a.compilation_cache == ""  # a name, and "", as given
+  assert c.data.records_dir == "records/musicqa"              # the caller's config is not changed
+  c.model.llm_gguf = "models/x.gguf"
+  assert cfglib.absolute_paths(c).model.llm_gguf == str(tmp_path / "models" / "x.gguf")
