@@ -16,9 +16,11 @@ newer one does not (truncated or corrupt array files), setting the bad one aside
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -200,10 +202,28 @@ def _quiet_closed_loop_callbacks() -> None:
     if (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
         and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
       return
+    if tb is not None and any("orbax/checkpoint/_src/serialization" in f.filename
+                              for f in traceback.extract_tb(tb)):
+      return  # the failed restore's own reads, ending after it was reported
     previous(unraisable)
 
   hook._musilingo_quiet = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_OrphanedDeserialize())
+
+
+class _OrphanedDeserialize(logging.Filter):
+  """The same failed restore also leaves Orbax's `async_deserialize` tasks whose error nobody awaits; asyncio
+  logs each as "Task exception was never retrieved" with a traceback when it is collected. The failure is
+  already reported (the warning naming the step): drop exactly those records, keep every other."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not record.getMessage().startswith("Task exception was never retrieved"):
+      return True
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[0] is not None:
+      text += "".join(traceback.format_exception(*record.exc_info))
+    return "async_deserialize" not in text and "orbax/checkpoint/_src/serialization" not in text
 
 
 def _on_every_process(ok: bool) -> bool:
