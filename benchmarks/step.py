@@ -152,15 +152,18 @@ def our_setup(shape: Shape, seed: int = 0) -> OurSetup:
   with_lora = MusiLingo(enc, llm_lora, projection(), pool_frames=shape.pool)
   nnx.update(with_lora.llama_proj, nnx.state(plain.llama_proj))
 
-  def compile_step(model, mode: str, batch: dict) -> OurStep:
+  def compile_step(model, mode: str, batch: dict, configure: Callable | None = None) -> OurStep:
     # The trainer's setup (Experiment) on one device: `mode` trains, AdamW with the reference's betas / eps /
     # weight decay at a constant 1e-4 (the torch side's), the LM head only at the (at most max_answer) label
-    # positions (config.train.head_at_labels).
+    # positions (config.train.head_at_labels). configure(c): further config changes (benchmarks/epoch.py:
+    # packed rows).
     c = cfglib.base_config()
     c.seed, c.train.trainable, c.train.accum_steps = 0, mode, 1
     c.train.init_lr = c.train.min_lr = c.train.warmup_lr = 1e-4
     c.train.warmup_steps = 0
     c.prompt.max_txt_len, c.train.head_at_labels = shape.max_answer, True
+    if configure is not None:
+      configure(c)
     exp = Experiment.from_config(c, sharding.make_mesh((1, 1, 1), jax.devices()[:1]), model=model, data=False)
     trainable, opt_state = exp.init_state()
     t0 = time.perf_counter()

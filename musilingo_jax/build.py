@@ -32,7 +32,6 @@ from musilingo_jax.data import demo, pipeline, records
 from musilingo_jax.tokenizer import Tokenizer
 from musilingo_jax.convert.converted import TOKENIZER_DIR, load_converted
 from musilingo_jax.convert.hf import import_pretrained
-from musilingo_jax.convert.pth import load_musilingo_pth
 from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.llama import Llama, LlamaConfig
 from musilingo_jax.models.mert import MERT, MERTConfig
@@ -69,12 +68,15 @@ def model_overrides(c, activations=None) -> tuple[dict[str, Any], dict[str, Any]
   (preset_encoder_config, preset_llm_config: build_model, AOT), a converted checkpoint
   (convert.converted.load_converted) and a GGUF (convert.hf.import_pretrained) all apply these on top of what the
   preset or checkpoint describes. compute_dtype -> dtype, frozen_dtype -> param_dtype, attention_impl
-  ("auto" = None: JAX picks) for both, spec_augment for the encoder. (pool_frames is MusiLingoConfig's:
-  `build_model` takes it.) activations: the run's activation sharding (`sharding.Activations`), or None.
+  ("auto" = None: JAX picks), scan_layers and remat (the per-layer policy) for both, spec_augment for the
+  encoder. (pool_frames is MusiLingoConfig's: `build_model` takes it.) activations: the run's activation
+  sharding (`sharding.Activations`), or None. A config from before scan_layers / remat existed (a run's
+  config.json) reads as unrolled without rematerialisation.
   """
   attn = None if c.model.attention_impl == "auto" else c.model.attention_impl
   common = dict(dtype=jnp.dtype(c.model.compute_dtype), param_dtype=jnp.dtype(c.model.frozen_dtype),
-                attention_impl=attn, activations=activations)
+                attention_impl=attn, activations=activations, scan_layers=bool(c.model.get("scan_layers", False)),
+                remat=str(c.model.get("remat", "none")))
   return {**common, "spec_augment": bool(c.model.spec_augment)}, dict(common)
 
 
@@ -167,6 +169,8 @@ def _absolute(p) -> str:
 
 
 INFERENCE_DTYPES = ("bfloat16", "float32")
+# What a run folder keeps for inference besides config.json and checkpoints/ (trainer.save_run_assets).
+RUN_TOKENIZER_DIR, RUN_FEATURE_STATS = "tokenizer", "feature_stats.json"
 
 
 def inference_mesh(devices=None):
@@ -220,11 +224,18 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
       run_encoder_cfg = model.cfg.encoder
       if (run_c.model.compute_dtype, run_c.model.frozen_dtype) != (c.model.compute_dtype, c.model.frozen_dtype):
         model = _frozen_in_dtype(model, c.model.frozen_dtype)
+    run_dir = storage.path(workdir)
+    if (run_dir / RUN_TOKENIZER_DIR).is_dir():  # the run's own copy (trainer.save_run_assets)
+      tok = Tokenizer.from_dir(storage.stage_tree(run_dir / RUN_TOKENIZER_DIR))
     if c.model.get("feature_norm", ""):
-      records_dir = c.data.records_dir
-      if c.data.dataset == "demo":
-        records_dir = demo_dirs(run_c, _EncoderConfigOnly(run_encoder_cfg))[1]
-      attach_feature_norm(c, model, records_dir)
+      if (run_dir / RUN_FEATURE_STATS).is_file():  # the run's own copy: no records needed
+        stats = json.loads((run_dir / RUN_FEATURE_STATS).read_text())
+        model.set_feature_norm(stats["mean"], stats["std"], inv_std=stats.get("inv_std"))
+      else:  # a run from before the run folder kept them: the records' statistics
+        records_dir = c.data.records_dir
+        if c.data.dataset == "demo":
+          records_dir = demo_dirs(run_c, _EncoderConfigOnly(run_encoder_cfg))[1]
+        attach_feature_norm(c, model, records_dir)
     _place(model, mesh, rules)
     graphdef, trainable, frozen = trainlib.split_model(model, c.train.trainable)
     ckpt = ckptlib.Checkpointer(os.fspath(storage.path(workdir) / "checkpoints"), save_every=1, keep=1 << 30,
@@ -349,13 +360,14 @@ def format_memory_report(report: dict) -> str:
 
 
 def load_projection(path: str):
-  """(kernel [in, out], bias [out]) from a MusiLingo .pth or an .npz (kernel, bias); local or gs:// (staged
-  into the local cache: torch and numpy read local files)."""
-  path = storage.stage(path)
-  if str(path).endswith(".npz"):
-    with np.load(path) as z:
-      return z["kernel"], z["bias"]
-  return load_musilingo_pth(path)
+  """(kernel [in, out], bias [out]) float32 from our .npz (kernel, bias), a MusiLingo .pth, a .safetensors
+  file or a Hugging Face-layout release folder (keys `<prefix>llama_proj.weight` / `.bias`; only those two
+  tensors are read); local or gs:// (the files read are staged into the local cache); or a Hugging Face Hub
+  id of one (owner/name[@revision][/file], resolved through the HF cache: musilingo_jax/hub.py; the programs
+  resolve theirs before loading). See convert.pth.read_projection."""
+  from musilingo_jax import hub
+  from musilingo_jax.convert.pth import read_projection
+  return read_projection(hub.resolve_projection(path, what="projection"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -511,7 +523,9 @@ class Data:
         use_features=c.data.use_features, drop_remainder=train, worker_count=c.data.worker_count,
         accum_steps=accum_steps, pad_id=self.pad_id,
         tokens_of_samples=None if c.data.use_features else self.tokens_of_samples,
-        normalize_audio=self.normalize_audio)
+        normalize_audio=self.normalize_audio,
+        pack_segments=int(c.data.pack_segments) if train and cfglib.packs_rows(c) else 1,
+        pack_labels=cfglib.pack_labels(c))
 
   def train_iterator(self):
     return self._make(self.train_files, train=True, batch_size=self.rows_per_process,

@@ -13,6 +13,7 @@ import os
 import ml_collections
 
 from musilingo_jax import sharding
+from musilingo_jax.models.layers import REMAT_POLICIES
 from musilingo_jax.prompts import LAYOUTS
 from musilingo_jax.train import TRAIN_MODES
 
@@ -48,6 +49,13 @@ def base_config() -> ConfigDict:
   c.model.frozen_dtype = "bfloat16"    # frozen weights as stored on device; trainables are always float32
   c.model.attention_impl = "xla"       # "xla", "cudnn" (flash attention on GPU) or "auto"
   c.model.spec_augment = False         # MERT time masking in training (encoder inside the step only)
+  # Encoder and LLM layers stacked and run by nnx.scan (one layer compiled instead of L, one layer's gathered
+  # weights alive at a time; same numbers). On in the full-size presets (configs/); converted checkpoints load
+  # either way. A run's trainable checkpoints (LoRA adapters) keep the layout they were trained with.
+  c.model.scan_layers = False
+  # Rematerialisation of each encoder and LLM layer in the backward pass: "none" | "full" | "dots_saveable" |
+  # "dots_with_no_batch_dims_saveable" | "nothing_saveable" (models.layers.REMAT_POLICIES).
+  c.model.remat = "none"
   # "" (the reference) or "train_stats": standardise the projection's input per dimension with the training
   # split's feature statistics (records.feature_stats; needs precomputed features). Export folds it in.
   c.model.feature_norm = ""
@@ -66,6 +74,13 @@ def base_config() -> ConfigDict:
   c.data.pad = "eos"
   c.data.max_len = 256            # fixed sequence length of a batch
   c.data.layout = "reference"     # reference (middle padding, exact loss) | packed
+  # layout = "packed", training rows: up to this many examples per row (segment ids, block-diagonal causal
+  # attention, positions from 0 per example: each example's loss terms are its single-example ones); 1 = one
+  # example per row. Eval rows always hold one example.
+  c.data.pack_segments = 8
+  # Packed rows: at most this many answer tokens per row = the positions the LM head runs at with
+  # train.head_at_labels (0 = max_len // 2).
+  c.data.pack_labels = 0
   c.data.worker_count = 0         # Grain workers (0 = in-process; on few cores prefer 0)
 
   c.prompt = ConfigDict()
@@ -140,14 +155,36 @@ def apply_schedule(c: ConfigDict, name: str) -> None:
   c.train.batch_size, c.train.accum_steps = batch, accum
 
 
+def packs_rows(c: ConfigDict) -> bool:
+  """Whether training rows hold several examples (layout "packed" with data.pack_segments > 1)."""
+  return c.data.layout == "packed" and int(c.data.get("pack_segments", 1)) > 1
+
+
+def pack_labels(c: ConfigDict) -> int:
+  """Packed rows' answer-token budget per row (data.pack_labels; 0 = max_len // 2)."""
+  return int(c.data.get("pack_labels", 0)) or int(c.data.max_len) // 2
+
+
 def loss_positions(c: ConfigDict) -> int | None:
-  """The K of MusiLingo.loss: every row has at most prompt.max_txt_len label tokens."""
-  return int(c.prompt.max_txt_len) if c.train.get("head_at_labels", True) else None
+  """The K of MusiLingo.loss: every row has at most prompt.max_txt_len label tokens, or with packed rows at
+  most the packer's per-row budget (`pack_labels`)."""
+  if not c.train.get("head_at_labels", True):
+    return None
+  return pack_labels(c) if packs_rows(c) else int(c.prompt.max_txt_len)
 
 
 def num_train_steps(c: ConfigDict) -> int:
   if c.train.num_steps > 0:
     return c.train.num_steps
+  if not isinstance(c.data.get("pack_segments", 1), int) or c.data.get("pack_segments", 1) < 1:
+    raise ConfigError(f"config.data.pack_segments = {c.data.pack_segments!r}; expected a positive integer")
+  if packs_rows(c):
+    if pack_labels(c) < int(c.prompt.max_txt_len):
+      raise ConfigError(f"config.data.pack_labels = {pack_labels(c)} is below config.prompt.max_txt_len = "
+                        f"{c.prompt.max_txt_len}: a single answer would not fit a row")
+    if c.train.get("epoch_carry", False):
+      raise ConfigError("config.train.epoch_carry = True counts the reference's micro-batches of records; packed "
+                        "rows (config.data.layout = 'packed', pack_segments > 1) do not: set pack_segments = 1")
   if c.train.get("epoch_carry", False):  # whole updates per epoch, as the reference
     return max(1, c.train.epochs * (c.train.iters_per_epoch // c.train.accum_steps))
   return max(1, c.train.epochs * c.train.iters_per_epoch // c.train.accum_steps)
@@ -192,6 +229,9 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, num_processes: in
   _choice(c.model.compute_dtype, "model.compute_dtype", ("float32", "bfloat16"))
   _choice(c.model.frozen_dtype, "model.frozen_dtype", ("float32", "bfloat16"))
   _choice(c.model.attention_impl, "model.attention_impl", ("xla", "cudnn", "auto"))
+  if not isinstance(c.model.get("scan_layers", False), bool):
+    raise ConfigError(f"config.model.scan_layers = {c.model.scan_layers!r}; expected True or False")
+  _choice(c.model.get("remat", "none"), "model.remat", REMAT_POLICIES)
   _choice(c.model.encoder_preset, "model.encoder_preset", ENCODER_PRESETS)
   _choice(c.model.llm_preset, "model.llm_preset", LLM_PRESETS)
   _choice(c.data.layout, "data.layout", LAYOUTS)

@@ -13,14 +13,21 @@ Layout of one call (prompts from `prompts.collate_prompts`: left-padded, positio
   position of new i     = the row's last prompt position + 1 + i (each row continues its own count).
 The cache holds L + N slots; the loop stops as soon as every row has hit a stop sequence or EOS, and a
 finished row feeds pad tokens that nothing reads. One compilation per (batch, prompt length, N, greedy,
-top_k); temperature, top_p, stop ids and the seed are traced.
+top_k, streaming or not); temperature, top_p, stop ids and the seed are traced.
+
+Streaming (`on_step` / `on_tokens`, `Chat.ask_stream`, `Stream`) is the same loop: with `stream=True` each step
+also hands its tokens to the host (`jax.debug.callback`, once per step, with the tokens replicated), so the
+ids are those of the call without streaming; the answer text shown while decoding is `answer_so_far`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+import itertools
+import queue
+import threading
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +40,7 @@ from musilingo_jax.models.musilingo import MusiLingo
 
 # The reference's stop ids (LLaMA vocabulary): "###" after a space, and "###" glued to a word.
 REFERENCE_STOP_SEQUENCES: tuple[tuple[int, ...], ...] = ((835,), (2277, 29937))
-STOP_TEXT = "###"
+STOP_TEXT = prompts.STOP_TEXT
 DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, which the reference ran with
 _BATCH_KEYS = ("input_ids", "attention_mask", "positions", "audio_start", "audio", "features", "inputs_embeds")
 
@@ -144,9 +151,24 @@ def _prompt_embeddings(model, batch: dict) -> tuple[Llama, jax.Array]:
   return model, model.embed(batch["input_ids"])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "return_logits"))
-def _generate_jit(state, batch, key, temperature, top_p, table, lengths, eos_ids, pad_id, *, graphdef,
-                  max_new_tokens: int, greedy: bool, top_k: int | None, return_logits: bool):
+# Streaming: the host functions that receive each step's tokens, by the id the jitted loop carries (traced, so a
+# new receiver does not recompile). One module-level callback looks the receiver up.
+_STEP_SINKS: dict[int, Callable] = {}
+_SINK_IDS = itertools.count(1)
+
+
+def _to_sink(sink, n, tokens, live) -> None:
+  """Host side of the loop's per-step callback: sink id, step n, tokens [B], live [B] (rows still decoding
+  before this step, whose token is real)."""
+  receiver = _STEP_SINKS.get(int(sink))
+  if receiver is not None:
+    receiver(int(n), np.asarray(tokens), np.asarray(live))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k", "return_logits",
+                                             "stream"))
+def _generate_jit(state, batch, key, temperature, top_p, table, lengths, eos_ids, pad_id, sink, *, graphdef,
+                  max_new_tokens: int, greedy: bool, top_k: int | None, return_logits: bool, stream: bool = False):
   llm, embeds = _prompt_embeddings(nnx.merge(graphdef, state), batch)
   mask, positions = batch["attention_mask"], batch["positions"]
   B, L = mask.shape
@@ -167,6 +189,8 @@ def _generate_jit(state, batch, key, temperature, top_p, table, lengths, eos_ids
   tok = choose(logits, sub)
   tokens = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
   done = ended(tokens, tok, 0)
+  if stream:
+    jax.debug.callback(_to_sink, sink, jnp.int32(0), tok, jnp.ones((B,), bool))
   state0 = dict(n=jnp.int32(1), tokens=tokens, done=done, n_out=jnp.where(done, 1, N).astype(jnp.int32),
                 cache=cache, key=key)
   if return_logits:
@@ -183,6 +207,8 @@ def _generate_jit(state, batch, key, temperature, top_p, table, lengths, eos_ids
     logits = llm.lm_logits(h)[:, 0]
     key, sub = jax.random.split(s["key"])
     tok = jnp.where(s["done"], pad_id, choose(logits, sub))
+    if stream:
+      jax.debug.callback(_to_sink, sink, n, tok, ~s["done"])
     tokens = jax.lax.dynamic_update_index_in_dim(s["tokens"], tok, n, axis=1)
     hit = ~s["done"] & ended(tokens, tok, n)
     out = dict(n=n + 1, tokens=tokens, done=s["done"] | hit, n_out=jnp.where(hit, n + 1, s["n_out"]),
@@ -199,12 +225,19 @@ def generate_ids(model: MusiLingo | Llama, batch: dict, *, max_new_tokens: int =
                  temperature: float = 0.1, top_p: float = 0.5, top_k: int | None = DEFAULT_TOP_K,
                  stop_sequences: Sequence[Sequence[int]] = REFERENCE_STOP_SEQUENCES,
                  eos_ids: Sequence[int] = (2,), pad_id: int = 0, seed: int = 0,
-                 return_logits: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                 return_logits: bool = False,
+                 on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """Token-level generation: (tokens [B, N] int32 padded with pad_id, lengths [B], step logits [B, N, V] or None).
 
   `model` is a MusiLingo (batch from `prompts.collate_prompts` plus "features" or "audio") or a bare Llama
   (batch with "input_ids" or "inputs_embeds", plus "attention_mask" and "positions"). Prompts must be
   left-padded: every row's last prompt slot is a real token. Row i's output is tokens[i, :lengths[i]].
+
+  on_step(n, tokens [B] int32, live [B] bool), when given, is called on the host while the loop runs, once per
+  decode step n = 0, 1, ... in order: row i's token of step n is real iff live[i] (a finished row's is pad).
+  It runs on a JAX callback thread: keep it short (hand the ids to a queue); an exception in it fails the call.
+  The ids are the same as without it (the loop is the same; it compiles once more, streaming being static).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -222,29 +255,43 @@ def generate_ids(model: MusiLingo | Llama, batch: dict, *, max_new_tokens: int =
   eos = np.full((_round_up(len(eos_ids)),), -1, np.int32)  # -1 never matches a token
   eos[:len(eos_ids)] = list(eos_ids)
   graphdef, state = nnx.split(model)
-  tokens, n_out, logits = _generate_jit(
-      state, arrays, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(table),
-      jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id),
-      graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
-      top_k=None if top_k is None or top_k <= 0 else int(top_k), return_logits=return_logits)
-  return np.asarray(tokens), np.asarray(n_out), None if logits is None else np.asarray(logits)
+  sink = 0
+  if on_step is not None:
+    sink = next(_SINK_IDS)
+    _STEP_SINKS[sink] = _InOrder(on_step)
+  try:
+    tokens, n_out, logits = _generate_jit(
+        state, arrays, jax.random.key(seed), jnp.float32(temperature), jnp.float32(top_p), jnp.asarray(table),
+        jnp.asarray(lengths), jnp.asarray(eos, jnp.int32), jnp.int32(pad_id), jnp.int32(sink),
+        graphdef=graphdef, max_new_tokens=int(max_new_tokens), greedy=bool(greedy),
+        top_k=None if top_k is None or top_k <= 0 else int(top_k), return_logits=return_logits,
+        stream=on_step is not None)
+    tokens, n_out = np.asarray(tokens), np.asarray(n_out)
+    if sink:
+      jax.effects_barrier()  # every step's callback has run
+  finally:
+    _STEP_SINKS.pop(sink, None)
+  return tokens, n_out, None if logits is None else np.asarray(logits)
+
+
+class _InOrder:
+  """Hands on_step its steps in order 0, 1, ... (unordered JAX callbacks may in principle arrive out of order;
+  ordered ones are not allowed over several devices)."""
+
+  def __init__(self, on_step):
+    self.on_step, self.next, self.waiting, self.lock = on_step, 0, {}, threading.Lock()
+
+  def __call__(self, n: int, tokens: np.ndarray, live: np.ndarray) -> None:
+    with self.lock:
+      self.waiting[n] = (tokens, live)
+      while self.next in self.waiting:
+        self.on_step(self.next, *self.waiting.pop(self.next))
+        self.next += 1
 
 
 # ---- post-processing and the text API ----------------------------------------------------------------
 
-def postprocess(ids: Sequence[int], tokenizer, *, keep_special_text: bool = False) -> tuple[str, str]:
-  """(raw_text, text) as the reference: drop a leading <unk> then a leading <s>, decode, keep the text before
-  the first "###" and after the last "Assistant:", strip. raw_text keeps special tokens verbatim ("</s>");
-  `text` skips them unless keep_special_text (the reference's decode kept a final "</s>" in the answer)."""
-  ids = [int(i) for i in ids]
-  unk, bos = getattr(tokenizer, "unk_id", None), getattr(tokenizer, "bos_id", None)
-  if ids and unk is not None and ids[0] == unk:
-    ids = ids[1:]
-  if ids and bos is not None and ids[0] == bos:
-    ids = ids[1:]
-  raw = tokenizer.decode(ids, skip_special_tokens=False)
-  shown = raw if keep_special_text else tokenizer.decode(ids, skip_special_tokens=True)
-  return raw, shown.split(STOP_TEXT)[0].split("Assistant:")[-1].strip()
+postprocess = prompts.postprocess  # (raw_text, text) of generated ids, as the reference (prompts.py)
 
 
 # transformers' LlamaConfig default bos_token_id: the id generate() starts from when given inputs_embeds.
@@ -322,23 +369,31 @@ def reference_answer(ids: Sequence[int], tokenizer, *, start_id: int = REFERENCE
 def generate(model: MusiLingo | Llama, batch: dict, *, tokenizer, max_new_tokens: int = 300, greedy: bool = False,
              temperature: float = 0.1, top_p: float = 0.5, top_k: int | None = DEFAULT_TOP_K,
              stop_sequences: Sequence[Sequence[int]] | None = None, eos_ids: Sequence[int] | None = None,
-             seed: int = 0, keep_special_text: bool = False,
-             reference_start_id: int = REFERENCE_START_ID) -> list[GenerationResult]:
+             seed: int = 0, keep_special_text: bool = False, reference_start_id: int = REFERENCE_START_ID,
+             on_tokens: Callable[[list[list[int]]], None] | None = None) -> list[GenerationResult]:
   """Answers for a batch of prompts (see `generate_ids`), post-processed as the reference.
 
   stop_sequences: None derives them from the tokenizer (`stop_sequences_for`: the reference's
   ((835,), (2277, 29937)) for LLaMA); () disables them. eos_ids: None = (tokenizer.eos_id,); () disables.
   Each result's `text` is the clean answer (special tokens skipped); `reference_text` is the string the
   reference would score (`reference_answer` with start_id=reference_start_id).
+  on_tokens(rows), when given, is called after each decode step with every row's ids so far (rows[i] grows by
+  one id while row i decodes; at the end it is results[i].token_ids); see generate_ids' on_step.
   """
   if stop_sequences is None:
     stop_sequences = stop_sequences_for(tokenizer)
   if eos_ids is None:
     eos_ids = (tokenizer.eos_id,)
+  rows: list[list[int]] = [[] for _ in range(np.asarray(batch["attention_mask"]).shape[0])]
+
+  def collect(n, toks, live):  # on_step -> on_tokens: each live row's ids grow by its token
+    for i in np.flatnonzero(live):
+      rows[i].append(int(toks[i]))
+    on_tokens(rows)
   tokens, lengths, _ = generate_ids(model, batch, max_new_tokens=max_new_tokens, greedy=greedy,
                                     temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop_sequences=stop_sequences, eos_ids=eos_ids, pad_id=tokenizer.pad_id,
-                                    seed=seed)
+                                    seed=seed, on_step=None if on_tokens is None else collect)
   results = []
   for row, n in zip(tokens, lengths):
     ids = row[:n].tolist()
@@ -368,10 +423,16 @@ class Chat:
   Turn k's prompt continues turn k-1's: `... ###Assistant: ` + previous answer + `###Human: {q} ###Assistant: `
   (the answer ends with the "###" the model was trained to emit, which opens the next turn). The audio is
   encoded once; each turn is one `generate` call with seed + turn.
+
+  prompt_bucket: left-pad each turn's prompt to a multiple of this many positions (None: its own length).
+  The decode loop compiles once per prompt length, and a chat's prompt grows every turn: with buckets the
+  turns (and clips of other lengths) reuse one compilation per bucket (the web demo uses 64). The pads are
+  masked and positions count real tokens only, so the answer is the same up to float rounding.
   """
 
   def __init__(self, model: MusiLingo, tokenizer, *, features=None, audio=None,
-               prompt_cfg: prompts.PromptConfig = prompts.PromptConfig(), seed: int = 0, **gen_kwargs):
+               prompt_cfg: prompts.PromptConfig = prompts.PromptConfig(), seed: int = 0,
+               prompt_bucket: int | None = None, **gen_kwargs):
     if (features is None) == (audio is None):
       raise ValueError("give exactly one of features [T', D_enc] or audio [S] (24 kHz mono)")
     if not prompt_cfg.template:
@@ -380,31 +441,111 @@ class Chat:
       features = audio_features(model, audio)
     self.model, self.tokenizer, self.prompt_cfg = model, tokenizer, prompt_cfg
     self.features = np.asarray(features, np.float32)  # [T', D_enc]
-    self.seed, self.gen_kwargs = seed, gen_kwargs
+    self.seed, self.gen_kwargs, self.prompt_bucket = seed, gen_kwargs, prompt_bucket
     self.history: list[tuple[str, str]] = []  # (question, answer)
 
   def prompt_segments(self, question: str) -> tuple[str, str]:
-    """(p_before, p_after) text for the next turn."""
-    (q0, _), rest = (self.history[0], self.history[1:]) if self.history else ((question, ""), [])
-    before, after = prompts.prompt_segments(q0, self.prompt_cfg)
-    if self.history:
-      turns = [a for _, a in self.history]
-      questions = [q for q, _ in rest] + [question]
-      for answer, q in zip(turns, questions):
-        after += answer + prompts.TEMPLATE.format(q)
-    return before, after
+    """(p_before, p_after) text for the next turn (prompts.chat_segments)."""
+    return prompts.chat_segments(self.history, question, self.prompt_cfg)
 
-  def ask(self, question: str) -> GenerationResult:
+  def ask(self, question: str, *, on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+    """The answer to `question` (appended to the history). on_tokens(ids so far), when given, is called after
+    each decode step (see `generate`); `ask_stream` turns it into text."""
     before, after = self.prompt_segments(question)
     enc = {"before": np.asarray(self.tokenizer.encode(before), np.int32),
            "after": np.asarray(self.tokenizer.encode(after), np.int32)}
+    max_len = None
+    if self.prompt_bucket:
+      length = 1 + len(enc["before"]) + self.features.shape[0] + len(enc["after"])
+      max_len = _round_up(length, self.prompt_bucket)
     batch = prompts.collate_prompts([enc], n_audio_tokens=self.features.shape[0], bos_id=self.tokenizer.bos_id,
-                                    pad_id=self.tokenizer.pad_id)
+                                    pad_id=self.tokenizer.pad_id, max_len=max_len)
     batch["features"] = self.features[None]
     result = generate(self.model, batch, tokenizer=self.tokenizer, seed=self.seed + len(self.history),
+                      on_tokens=None if on_tokens is None else (lambda rows: on_tokens(rows[0])),
                       **self.gen_kwargs)[0]
     self.history.append((question, result.text))
     return result
 
+  def ask_stream(self, question: str) -> Stream:
+    """`ask(question)` in a worker thread: iterate the returned Stream for the answer so far while it is
+    generated; afterwards its `result` is what `ask` returns (and the turn is in the history)."""
+    return Stream(lambda on_tokens: self.ask(question, on_tokens=on_tokens), self.tokenizer)
+
   def reset(self) -> None:
     self.history.clear()
+
+
+# ---- streaming text -----------------------------------------------------------------------------------
+
+# Text that the reference's post-processing cuts at, so a trailing beginning of it is held back while decoding.
+_CUT_TEXTS = (STOP_TEXT, "Assistant:")
+
+
+def answer_so_far(ids: Sequence[int], tokenizer) -> str:
+  """The answer text to show for the ids generated so far: `postprocess`'s clean text, less the trailing
+  characters that the next tokens may still change: the beginning of a "###" (the stop text, cut from the
+  answer when it completes) or of an "Assistant:", replacement characters (a UTF-8 character whose bytes
+  have not all come) and whitespace (stripped from the answer). The text of the finished ids is the
+  answer itself: a shown text is a prefix of the final one unless the model writes "Assistant:" later on
+  (the answer is then what follows it, as the reference post-processes)."""
+  text = postprocess(ids, tokenizer)[1]
+  while True:
+    trimmed = text.rstrip().rstrip("\ufffd")
+    for cut in _CUT_TEXTS:
+      for k in range(min(len(cut) - 1, len(trimmed)), 0, -1):
+        if trimmed.endswith(cut[:k]):
+          trimmed = trimmed[:-k]
+          break
+    if trimmed == text:
+      return text
+    text = trimmed
+
+
+class Stream:
+  """The answer of one generation, as it is decoded. `run(on_tokens)` (e.g. `lambda cb: chat.ask(q,
+  on_tokens=cb)`) runs in a worker thread as soon as the Stream is made; iterating yields the answer so far
+  (`answer_so_far`) after each step that changes it (every step is read, however slow the reader: the
+  snapshots do not depend on timing), and last the final answer (`result.text`, always yielded at least
+  once). After the iteration `result` is run's GenerationResult; an exception in run is raised by the
+  iteration. Snapshots are cumulative: the UI replaces the message with each; `pieces()` gives what each
+  adds (they join to the answer when every snapshot extends the one before)."""
+
+  def __init__(self, run: Callable[[Callable[[list[int]], None]], GenerationResult], tokenizer):
+    self.tokenizer = tokenizer
+    self.result: GenerationResult | None = None
+    self._updates: queue.Queue = queue.Queue()
+    self._thread = threading.Thread(target=self._work, args=(run,), name="musilingo-generate", daemon=True)
+    self._thread.start()
+
+  def _work(self, run) -> None:
+    try:
+      result = run(lambda ids: self._updates.put(("ids", list(ids))))
+    except BaseException as e:  # noqa: BLE001 - handed to the iterating thread
+      self._updates.put(("error", e))
+    else:
+      self._updates.put(("done", result))
+
+  def __iter__(self) -> Iterator[str]:
+    shown = None
+    while True:
+      kind, value = self._updates.get()
+      if kind == "error":
+        raise value
+      if kind == "done":
+        self.result = value
+        if shown != value.text:
+          yield value.text
+        return
+      text = answer_so_far(value, self.tokenizer)
+      if text != shown and (text or shown is not None):
+        shown = text
+        yield text
+
+  def pieces(self) -> Iterator[str]:
+    """The text each snapshot adds to the one before (a snapshot that does not extend it restarts: its whole
+    text)."""
+    before = ""
+    for text in self:
+      yield text[len(before):] if text.startswith(before) else text
+      before = text

@@ -30,6 +30,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 IGNORE = -100
+STOP_TEXT = "###"  # what ends an answer in the reference's template (its end_sym)
 TEMPLATE = "###Human: {} ###Assistant: "
 AUDIO_HERE = "<AudioHere>"
 INSTRUCTION = "<Audio>" + AUDIO_HERE + "</Audio> {}"
@@ -58,6 +59,33 @@ def prompt_segments(question: str | None, cfg: PromptConfig) -> tuple[str, str]:
     raise ValueError("a templated (stage-2) prompt needs a question; got None")
   before, after = TEMPLATE.format(INSTRUCTION.format(question)).split(AUDIO_HERE)
   return before, after
+
+
+def chat_segments(history: Sequence[tuple[str, str]], question: str, cfg: PromptConfig) -> tuple[str, str]:
+  """(p_before, p_after) of a chat's next turn about one clip: turn k's prompt continues turn k-1's,
+  `... ###Assistant: ` + previous answer + `###Human: {q} ###Assistant: ` (the answer ends with the "###" the
+  model was trained to emit, which opens the next turn). `history`: the earlier (question, answer) turns."""
+  (q0, _), rest = (history[0], list(history[1:])) if history else ((question, ""), [])
+  before, after = prompt_segments(q0, cfg)
+  if history:
+    for (_, answer), q in zip(history, [q for q, _ in rest] + [question]):
+      after += answer + TEMPLATE.format(q)
+  return before, after
+
+
+def postprocess(ids: Sequence[int], tokenizer, *, keep_special_text: bool = False) -> tuple[str, str]:
+  """(raw_text, text) of generated ids as the reference: drop a leading <unk> then a leading <s>, decode, keep
+  the text before the first "###" and after the last "Assistant:", strip. raw_text keeps special tokens
+  verbatim ("</s>"); `text` skips them unless keep_special_text (the reference's decode kept a final "</s>")."""
+  ids = [int(i) for i in ids]
+  unk, bos = getattr(tokenizer, "unk_id", None), getattr(tokenizer, "bos_id", None)
+  if ids and unk is not None and ids[0] == unk:
+    ids = ids[1:]
+  if ids and bos is not None and ids[0] == bos:
+    ids = ids[1:]
+  raw = tokenizer.decode(ids, skip_special_tokens=False)
+  shown = raw if keep_special_text else tokenizer.decode(ids, skip_special_tokens=True)
+  return raw, shown.split(STOP_TEXT)[0].split("Assistant:")[-1].strip()
 
 
 def _ids(tok: TokenizerLike, text: str) -> np.ndarray:
@@ -179,6 +207,72 @@ def collate(examples: Sequence[dict], *, max_len: int, bos_id: int, pad_id: int,
     lengths = batch["audio_len"].astype(np.int32)
     batch["audio_pad_len"] = (np.full((B,), lengths.max(), np.int32) if layout == "reference" else lengths)
   return batch
+
+
+def example_positions(ex: dict) -> int:
+  """Positions one example takes in a row: BOS + p_before + its audio tokens + p_after + answer."""
+  return 1 + len(ex["before"]) + int(ex["audio_tokens"]) + len(ex["after"]) + len(ex["answer"])
+
+
+def collate_packed(rows: Sequence[Sequence[dict]], *, max_len: int, bos_id: int, pad_id: int, max_segments: int,
+                   batch_size: int | None = None) -> dict[str, np.ndarray]:
+  """Packed rows: each row holds up to `max_segments` examples one after another, each laid out as alone
+  (`[BOS] + p_before + audio + p_after + answer`, positions from 0), then end padding.
+
+  Per row: `segment_ids` [B, L] (example k of the row is k + 1, padding 0; attention is block-diagonal
+  causal), `positions` restarting at 0 per example, labels on each answer; per example slot:
+  `audio_start` / `audio_tokens` [B, K] (an empty slot has 0 tokens) and the numpy arrays the examples carry
+  (features [slots, D] -> [B, K, slots, D], audio [S] -> [B, K, S], audio_len -> [B, K]), zero for empty
+  slots. So every example's loss terms are exactly its single-example ones. Rows past len(rows) (up to
+  `batch_size`) are empty, `valid` 0."""
+  if not rows:
+    raise ValueError("collate_packed needs at least one row")
+  B, K = batch_size or len(rows), max_segments
+  if len(rows) > B:
+    raise ValueError(f"{len(rows)} rows do not fit batch_size {B}")
+  input_ids = np.full((B, max_len), pad_id, np.int32)
+  mask = np.zeros((B, max_len), np.int32)
+  labels = np.full((B, max_len), IGNORE, np.int32)
+  positions = np.zeros((B, max_len), np.int32)
+  segment_ids = np.zeros((B, max_len), np.int32)
+  audio_start = np.zeros((B, K), np.int32)
+  audio_tokens = np.zeros((B, K), np.int32)
+  valid = np.zeros((B,), np.int32)
+  template = next((ex for row in rows for ex in row), None)
+  extra = {}
+  if template is not None:
+    for key in sorted(set(template) - set(_TEXT_KEYS) - {"valid", "audio_tokens"}):
+      v = template[key]
+      if isinstance(v, (np.ndarray, np.number, int, float)) and np.asarray(v).dtype.kind in "biuf":
+        v = np.asarray(v)
+        extra[key] = np.zeros((B, K) + v.shape, v.dtype)
+  for r, row in enumerate(rows):
+    if len(row) > K:
+      raise ValueError(f"row {r} holds {len(row)} examples > max_segments {K}")
+    pos = 0
+    for k, ex in enumerate(row):
+      before, after, answer = (np.asarray(ex[key], np.int32) for key in _TEXT_KEYS)
+      n_audio = int(ex["audio_tokens"])
+      n = example_positions(ex)
+      if pos + n > max_len:
+        raise ValueError(f"row {r}: example {ex.get('id', k)!r} ends at {pos + n} > max_len {max_len}")
+      seq = np.concatenate([[bos_id], before, np.full(n_audio, pad_id), after, answer]).astype(np.int32)
+      input_ids[r, pos:pos + n] = seq
+      mask[r, pos:pos + n] = 1
+      positions[r, pos:pos + n] = np.arange(n)
+      segment_ids[r, pos:pos + n] = k + 1
+      audio_start[r, k] = pos + 1 + len(before)
+      audio_tokens[r, k] = n_audio
+      if int(ex.get("valid", 1)) == 1:
+        a0 = pos + n - len(answer)
+        labels[r, a0:pos + n] = np.where(answer == pad_id, IGNORE, answer)
+        valid[r] = 1
+      for key, arr in extra.items():
+        arr[r, k] = np.asarray(ex[key])
+      pos += n
+  return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "positions": positions,
+          "segment_ids": segment_ids, "audio_start": audio_start, "audio_tokens": audio_tokens, "valid": valid,
+          **extra}
 
 
 def interleave_micro_batches(micro: Sequence[dict]) -> dict[str, np.ndarray]:

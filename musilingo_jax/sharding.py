@@ -20,18 +20,21 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# The logical name of the leading axis of stacked (scanned) layers' variables (models.layers.stacked): every
+# preset replicates it (each chip holds its shard of every layer; nnx.scan walks the axis).
+LAYERS = "layers"
 
 Rules = Sequence[tuple[str, Any]]
 
 # Presets: logical name -> mesh axis (or tuple of axes, or None = replicated).
 PRESETS: dict[str, Rules] = {
     # Pure data parallel: every parameter replicated, the batch split over all devices.
-    "dp": (("batch", BATCH_AXES),),
+    "dp": (("batch", BATCH_AXES), (LAYERS, None)),
     # FSDP: parameters split along their embed dimension (ZeRO-3 style); the batch over data x fsdp.
-    "fsdp": (("batch", BATCH_AXES), ("embed", "fsdp")),
+    "fsdp": (("batch", BATCH_AXES), ("embed", "fsdp"), (LAYERS, None)),
     # FSDP + tensor parallel (Megatron-style column/row split of attention heads and the MLP).
     "fsdp_tp": (("batch", BATCH_AXES), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-                ("kv_heads", "tensor"), ("vocab", "tensor")),
+                ("kv_heads", "tensor"), ("vocab", "tensor"), (LAYERS, None)),
 }
 
 

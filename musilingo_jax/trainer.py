@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -21,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from musilingo_jax import checkpoint, sharding, storage
+from musilingo_jax import build, checkpoint, sharding, storage
 from musilingo_jax import config as cfglib
 from musilingo_jax import train as trainlib
 from musilingo_jax.experiment import Experiment
@@ -104,16 +106,23 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
   paths in the config are made absolute first (config.json then means the same from any directory)."""
   c = cfglib.absolute_paths(c)
   cfglib.validate(c, num_devices=jax.device_count(), num_processes=jax.process_count(), need_data=False)
+  new_local = not storage.is_remote(workdir) and not storage.path(workdir).exists()
   workdir = check_run_paths(c, workdir)
   if c.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", c.compilation_cache)
   hooks = list(hooks) + HOOKS
   mesh = sharding.make_mesh(c.mesh.shape)
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-
-  exp = Experiment.from_config(c, mesh)
+  try:
+    if is_main:
+      (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    exp = Experiment.from_config(c, mesh)
+    if is_main:
+      save_run_assets(workdir, exp.tokenizer, exp.model)
+  except BaseException:
+    if new_local and is_main:  # failed while setting up: leave no run folder behind that holds no run
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   data, model = exp.data, exp.model
   if is_main:
     print(trainlib.describe_trainable(exp.trainable), flush=True)
@@ -227,6 +236,25 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
     writer.close()
   return {"step": step, "num_steps": num_steps, "metrics": last, "model": exp.merged(trainable),
           "tokenizer": exp.tokenizer, "data": data, "preempted": stop["stop"]}
+
+
+def save_run_assets(workdir, tokenizer, model) -> None:
+  """What inference needs from a run besides its config and checkpoints, kept in the run folder so it needs
+  nothing else (no records, no cache): the tokenizer (workdir/tokenizer/) and the feature statistics of
+  config.model.feature_norm (workdir/feature_stats.json: mean, std)."""
+  if tokenizer is not None:
+    if storage.is_remote(workdir):
+      with tempfile.TemporaryDirectory(prefix="musilingo-tok-") as tmp:
+        tokenizer.save(tmp)
+        storage.upload_tree(tmp, workdir / build.RUN_TOKENIZER_DIR)
+    else:
+      tokenizer.save(workdir / build.RUN_TOKENIZER_DIR)
+  norm = getattr(model, "feature_norm", None)
+  if norm is not None:
+    inv = np.asarray(norm.inv_std[...], np.float32)
+    stats = {"mean": np.asarray(norm.mean[...], np.float32).tolist(), "inv_std": inv.tolist(),
+             "std": (1.0 / inv.astype(np.float64)).tolist()}  # float32 values, exact in JSON
+    storage.write_atomic(workdir / build.RUN_FEATURE_STATS, json.dumps(stats))
 
 
 def _warn(msg: str) -> None:

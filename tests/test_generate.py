@@ -305,3 +305,56 @@ def test_rejects_right_padded_prompts():
   batch = {k: (v[:, ::-1].copy() if k == "attention_mask" else v) for k, v in batch.items()}
   with pytest.raises(ValueError, match="left-padded"):
     gen.generate_ids(ours, batch, max_new_tokens=4, greedy=True)
+
+
+def test_streaming_steps_are_the_decode_ids():
+  """on_step sees every decode step in order with the ids the call returns (the same loop), greedy or sampled;
+  generate's on_tokens grows each row to its token_ids."""
+  ours, _ = models()
+  batch = prompt()
+  greedy = None
+  for kw in (dict(greedy=True), dict(temperature=5.0, top_p=1.0, top_k=None, seed=3)):
+    plain, lengths, _ = gen.generate_ids(ours, batch, max_new_tokens=N_NEW, **kw, **NO_STOP)
+    steps = []
+    streamed, lengths2, _ = gen.generate_ids(ours, batch, max_new_tokens=N_NEW, **kw, **NO_STOP,
+                                             on_step=lambda n, t, live: steps.append((n, t.copy(), live.copy())))
+    np.testing.assert_array_equal(plain, streamed)
+    np.testing.assert_array_equal(lengths, lengths2)
+    assert [n for n, _, _ in steps] == list(range(N_NEW))
+    np.testing.assert_array_equal(np.stack([t for _, t, _ in steps], axis=1), plain)
+    greedy = plain if greedy is None else greedy
+  stop = int(greedy[0, 4])  # row 0 stops after (at most) 5 tokens
+  seen = []
+  results = gen.generate(ours, batch, tokenizer=WordTokenizer(), max_new_tokens=N_NEW, greedy=True,
+                         stop_sequences=((stop,),), eos_ids=(), on_tokens=lambda rows: seen.append(
+                             [list(r) for r in rows]))
+  final = [r.token_ids for r in results]
+  assert seen[-1] == final and len(final[0]) <= 5
+  for k, rows in enumerate(seen):  # one id more per step while a row decodes
+    assert [len(r) for r in rows] == [min(k + 1, len(f)) for f in final]
+
+
+def test_answer_so_far_holds_back_what_may_change():
+  tok = WordTokenizer()
+  assert gen.answer_so_far([10, 11], tok) == "w10 w11"
+  assert gen.answer_so_far([10, 11, 6], tok) == "w10 w11"   # "#": maybe the start of "###"
+  assert gen.answer_so_far([10, 5], tok) == "w10"           # "##"
+  assert gen.answer_so_far([10, 3, 12], tok) == "w10"       # "###" ends the answer
+  assert gen.answer_so_far([10, 7], tok) == "w10 x"
+  assert gen.answer_so_far([], tok) == ""
+  final = gen.GenerationResult(token_ids=[10, 11, 12, 6], text="w10 w11 w12 #", raw_text="w10 w11 w12 #")
+
+  def run(on_tokens):
+    for ids in ([10], [10, 11], [10, 11, 6], [10, 11, 12], [10, 11, 12, 6]):
+      on_tokens(ids)
+    return final
+  stream = gen.Stream(run, tok)
+  # One text per change, whatever the timing; held-back text comes with the final answer.
+  assert list(stream) == ["w10", "w10 w11", "w10 w11 w12", "w10 w11 w12 #"] and stream.result is final
+  # The last text is the answer even when the ids' text was held back; the pieces join to it.
+  held = gen.GenerationResult(token_ids=[10, 11, 6], text="w10 w11 #", raw_text="w10 w11 #")
+  run = lambda on_tokens: (on_tokens([10]), on_tokens([10, 11, 6]), held)[-1]  # noqa: E731
+  assert list(gen.Stream(run, tok))[-1] == held.text
+  assert "".join(gen.Stream(run, tok).pieces()) == held.text
+  with pytest.raises(ZeroDivisionError):
+    list(gen.Stream(lambda on_tokens: 1 / 0, tok))

@@ -6,7 +6,6 @@ import importlib
 import io
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,13 +13,10 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import tiny_hf
-from musilingo_jax import build, checkpoint as ckptlib, config as cfglib, generate as gen, prompts
-from musilingo_jax import train as trainlib
-from musilingo_jax.data import records
+from musilingo_jax import build, generate as gen, prompts
 
 D_ENC, D_LLM, N_AUDIO, N_NEW = 32, 64, 2, 8
 NO_STOP = dict(stop_sequences=(), eos_ids=())
@@ -34,8 +30,7 @@ def converted(tmp_path_factory):
   return root
 
 
-def _params(module) -> dict[str, jax.Array]:
-  return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+_params = tiny_hf.params_of
 
 
 def _expected_memory(model) -> dict:
@@ -130,53 +125,12 @@ def test_checkpoint_loads_bf16_split_over_all_devices(converted):
   assert tokens.shape == (2, N_NEW) and ((tokens >= 0) & (tokens < 101)).all()
 
 
-def _run_config(demo_dir, checkpoint: str = "") -> cfglib.ConfigDict:
-  c = cfglib.base_config()
-  c.model.checkpoint = checkpoint
-  c.model.encoder_preset = c.model.llm_preset = "tiny"
-  c.model.compute_dtype = c.model.frozen_dtype = "float32"
-  c.model.pool_frames = 4
-  c.model.feature_norm = "train_stats"
-  c.data.dataset = "demo"
-  c.data.demo_dir = str(demo_dir)
-  c.data.demo_pieces, c.data.demo_clips_per_piece, c.data.demo_clip_seconds = (2, 1), 2, 4.0
-  c.train.trainable = "projection+lora"
-  c.train.lora.rank, c.train.lora.dropout = 4, 0.0
-  return c
-
-
-def _fake_run(workdir: Path, c) -> tuple[dict, dict]:
-  """A training run's directory as the trainer leaves it (config.json, an Orbax step with trained-looking
-  projection and LoRA values, the demo records' feature statistics) -> (frozen params, trainable params)."""
-  model, _, _ = build.build_model(c)
-  rec_dir = build.demo_dirs(c, model)[1]
-  rec_dir.mkdir(parents=True)
-  shard = rec_dir / records.shard_name(c.data.train_split, 0, 1)
-  shard.write_bytes(b"")
-  rng = np.random.default_rng(3)
-  (rec_dir / f"{c.data.train_split}-feature-stats.json").write_text(json.dumps({
-      "mean": rng.standard_normal(D_ENC).tolist(), "std": (1 + rng.random(D_ENC)).tolist(), "tokens": 10,
-      "shards": [[shard.name, 0]]}))
-  _, trainable, _ = trainlib.split_model(model, c.train.trainable)
-  trainable = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)), trainable)
-  nnx.update(model, trainable)
-  (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-  ckpt = ckptlib.Checkpointer(str(workdir / "checkpoints"), save_every=1, keep=1, keep_best=False)
-  ckpt.save(1, trainable=trainable, opt_state={"count": np.zeros((), np.int32)}, data_state=None,
-            config_json=c.to_json_best_effort(), frozen_ref={}, force=True)
-  ckpt.close()
-  frozen = {**{"encoder." + k: np.asarray(v) for k, v in _params(model.encoder).items()},
-            **{"llm." + k: np.asarray(v) for k, v in _params(model.llm).items() if ".lora_" not in k}}
-  trained = {k: np.asarray(v) for k, v in _params(model).items() if k.startswith("llama_proj.") or ".lora_" in k}
-  return frozen, trained
-
-
 @pytest.mark.parametrize("frozen_from", ["random", "checkpoint"])
 def test_workdir_run_loads_bf16_with_its_weights(tmp_path, converted, frozen_from):
-  c = _run_config(tmp_path / "demo", str(converted / "converted") if frozen_from == "checkpoint" else "")
+  c = tiny_hf.run_config(tmp_path / "demo", str(converted / "converted") if frozen_from == "checkpoint" else "")
   workdir = tmp_path / "run"
   workdir.mkdir()
-  frozen, trained = _fake_run(workdir, c)
+  frozen, trained = tiny_hf.fake_run(workdir, c)
   model, _, c_loaded = build.load_for_inference(workdir=str(workdir))
   assert c_loaded.model.frozen_dtype == c_loaded.model.compute_dtype == "bfloat16"
   _assert_frozen_dtype(model, jnp.bfloat16)

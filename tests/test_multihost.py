@@ -38,6 +38,7 @@ DRIVER = textwrap.dedent("""
     c.mesh.shape = (8, 1, 1)
     c.train.batch_size = 8
     c.data.layout = "packed"
+    c.data.pack_segments = 1  # one example per row: the union over processes is the one-process batch
     c.eval.generate_samples = 0
     c.eval_every = 100
     c.train.num_steps = int(sys.argv[2])

@@ -200,6 +200,27 @@ def test_config_error_exits_before_any_compute(tmp_path):
   assert not (tmp_path / "checkpoints").exists()
 
 
+def test_run_folder_carries_what_inference_needs(uninterrupted, tmp_path, monkeypatch):
+  """The tokenizer and the feature statistics are in the run folder: inference from another cache (no demo
+  records there) loads the same model."""
+  from musilingo_jax import build
+  workdir, _ = uninterrupted
+  assert (workdir / "tokenizer" / "tokenizer_config.json").is_file()
+  stats = json.loads((workdir / "feature_stats.json").read_text())
+  monkeypatch.setenv("MUSILINGO_CACHE", str(tmp_path / "empty-cache"))
+  model, tok, _ = build.load_for_inference(workdir=str(workdir), dtype="float32")
+  np.testing.assert_array_equal(np.asarray(model.feature_norm.inv_std[...]), np.float32(stats["inv_std"]))
+  np.testing.assert_array_equal(np.asarray(model.feature_norm.mean[...]), np.float32(stats["mean"]))
+  assert tok.encode("a piano") and not any((tmp_path / "empty-cache").rglob("*.array_record*"))
+
+
+def test_a_run_failing_in_setup_leaves_no_folder(tmp_path):
+  workdir = tmp_path / "runs" / "new"
+  proc = _train(workdir, "--config.data.max_len=8", check=False)
+  assert proc.returncode != 0 and "config.data.max_len = 8" in proc.stderr, proc.stderr[-2000:]
+  assert not workdir.exists()
+
+
 def test_unknown_config_key_is_refused(tmp_path):
   proc = _train(tmp_path, "--config.train.no_such_key=1", check=False)
   assert proc.returncode != 0 and "no_such_key" in proc.stderr

@@ -23,6 +23,7 @@ def get_config(arg: str = "musicqa"):
   if arg in ("demo", "smoke"):
     return cfglib.demo_config(c, smoke=(arg == "smoke"))
   cfglib.apply_schedule(c, arg)
+  c.model.scan_layers = True  # full-size MERT-330M + Vicuna-7B: scanned layers (compile time, per-chip memory)
   # Audio tokens per micro-batch come from the clips (config.data.n_audio_tokens = 0: the records' bound).
   # MusicQA crops 372,000 samples at the file's own rate: 6 tokens at 16 kHz, 4 at 24 kHz, 2 at 44.1/48 kHz.
   if arg == "musicqa":

@@ -10,6 +10,7 @@ from musilingo_jax import config as cfglib
 def get_config(arg: str = ""):
   c = cfglib.base_config()
   cfglib.apply_schedule(c, "pretrain")
+  c.model.scan_layers = True  # full-size MERT-330M + Vicuna-7B: scanned layers (compile time, per-chip memory)
   c.stage = 1
   c.data.dataset, c.data.train_split, c.data.eval_split = "lp-musiccaps-msd", "train", "valid"
   c.data.max_len = 64

@@ -5,6 +5,11 @@ convert_checkpoint imports HF/GGUF checkpoints (convert.hf) and saves them; load
 straight onto any device count / mesh. <part> is a ModelKind's name ("encoder", "llm"); the caller passes
 the kinds (models.mert.HF_KIND, models.llama.HF_KIND) and writes / reads the tokenizer itself.
 
+The parameters are stored per layer, as HF numbers them (`model.layers.3.mlp.up_proj.kernel`), whatever the
+model's `scan_layers`: `save_params` unstacks a stacked-layer model's parameters, and `restore_params` stacks
+them again (one stacked parameter at a time, on its target sharding) when it builds a model with the layers
+stacked. One directory serves both settings.
+
 The directory may be a gs:// URL: every path goes through etils.epath (musilingo_jax/storage.py), Orbax
 writes and reads the arrays through tensorstore, the JSON files are written under a temporary name and
 renamed, and the tokenizer is written locally then uploaded. meta.json is written last.
@@ -25,10 +30,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from musilingo_jax import sharding as sharding_lib
 from musilingo_jax import storage
 from musilingo_jax.convert import state as state_lib
 from musilingo_jax.convert.hf import import_pretrained
-from musilingo_jax.convert.rules import ConversionError, ModelKind
+from musilingo_jax.convert.rules import ConversionError, KeyRule, ModelKind, layer_entries
 
 FORMAT = "musilingo_jax.convert/1"
 TOKENIZER_DIR = "tokenizer"  # OUT/tokenizer: the LLM's tokenizer files (Tokenizer.from_dir reads them)
@@ -50,11 +56,45 @@ def _largest(tree) -> int:
   return max((int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)), default=0)
 
 
-def save_params(path: str | os.PathLike, model) -> None:
-  """The model's checkpoint parameters (no LoRA, no RNG state) as an Orbax pure-dict tree at `path`."""
-  tree = nnx.state(model, state_lib.base_filter()).to_pure_dict()
+def _key(path: str) -> tuple:
+  """A flat path as the keys of a pure dict (list indices are ints, as nnx.State.to_pure_dict has them)."""
+  return tuple(int(k) if k.isdigit() else k for k in path.split("."))
+
+
+def _stacked_params(base, rules) -> dict[str, list]:
+  """Flat path -> its layer entries (rules.layer_entries), for the stacked-layer parameters of `base`."""
+  out = {}
+  for p, v in nnx.to_flat_state(base):
+    path = state_lib.path_str(p)
+    entries = layer_entries(rules, path, v.get_value().shape) if rules is not None else []
+    if entries and entries[0].layer is not None:
+      out[path] = entries
+  return out
+
+
+def save_params(path: str | os.PathLike, model, rules: Sequence[KeyRule] | None = None) -> None:
+  """The model's checkpoint parameters (no LoRA, no RNG state) as an Orbax pure-dict tree at `path`, per
+  layer: a stacked-layer parameter (config `scan_layers`) is written as its L layers, under the paths the
+  unrolled model has (the HF key table `rules` names them; required for such a model)."""
+  base = nnx.state(model, state_lib.base_filter())
+  stacked = _stacked_params(base, rules)
+  if rules is None and any((_names(v) or (None,))[0] == sharding_lib.LAYERS for _, v in nnx.to_flat_state(base)):
+    raise ValueError("save_params: the model's layers are stacked (scan_layers); pass its key table (rules=) to "
+                     "store them per layer")
+  items = []
+  for p, v in nnx.to_flat_state(base):
+    entries = stacked.get(state_lib.path_str(p))
+    if entries is None:
+      items.append((tuple(p), v.get_value()))
+    else:
+      items += [(_key(e.ours), v.get_value()[e.layer]) for e in entries]
+  tree = _nest(items)
   ckptr = _checkpointer(_largest(tree))
   ckptr.save(_absolute(path), args=ocp.args.PyTreeSave(tree), force=True)  # synchronous
+
+
+def _names(var) -> tuple | None:
+  return var.get_metadata().get("out_sharding") if hasattr(var, "get_metadata") else None
 
 
 def _absolute(path):
@@ -110,19 +150,40 @@ def _restore_in_chunks(path, target: dict) -> dict:
   return out
 
 
+def _without_layer_axis(sharding):
+  """The sharding of one layer of a stacked array placed with `sharding` (its leading axis dropped)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+  return sharding
+
+
 def restore_params(path: str | os.PathLike, model_cls, config, *, shardings=None, mesh=None,
-                   sharding_rules=None, **model_kwargs):
+                   sharding_rules=None, rules: Sequence[KeyRule] | None = None, **model_kwargs):
   """Builds `model_cls(config)` from parameters saved by `save_params`, restoring straight onto the target
   shardings (default: the first device), so a checkpoint written on any device count restores onto any
-  other. Parameters are cast to the config's param_dtype."""
+  other. Parameters are cast to the config's param_dtype.
+
+  A model with stacked layers (config `scan_layers`; `rules`, the HF key table, names its layers) restores
+  the stored per-layer arrays, each on its stacked parameter's sharding less the layer axis, then stacks
+  them one parameter at a time (device memory: the model plus one stacked parameter)."""
   abstract = state_lib.abstract_model(model_cls, config, **model_kwargs)
   graphdef, base, rest = nnx.split(abstract, state_lib.base_filter(), ...)
   targets = state_lib.sharding_table(nnx.state(abstract), shardings, mesh, sharding_rules)
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  stacked = _stacked_params(base, rules)
+  items, sds_of = [], {}
   for p, v in nnx.to_flat_state(base):
     sds = v.get_value()
-    v.set_value(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=targets[state_lib.path_str(p)] or default))
-  target = base.to_pure_dict()
+    key = state_lib.path_str(p)
+    sds_of[key] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=targets[key] or default)
+    if key in stacked:
+      layer = _without_layer_axis(sds_of[key].sharding)
+      items += [(_key(e.ours), jax.ShapeDtypeStruct(sds.shape[1:], sds.dtype, sharding=layer))
+                for e in stacked[key]]
+    else:
+      items.append((tuple(p), sds_of[key]))
+  target = _nest(items)
   if not storage.path(path).exists():
     raise ConversionError(f"{path}: no such checkpoint")
   try:
@@ -130,8 +191,21 @@ def restore_params(path: str | os.PathLike, model_cls, config, *, shardings=None
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise ConversionError(f"{path}: checkpoint does not fit {model_cls.__name__}({type(config).__name__}): "
                           f"{e}") from None
-  nnx.replace_by_pure_dict(base, restored)
+  flat = dict(_flatten_dict(restored))
+  for p, v in nnx.to_flat_state(base):
+    key = state_lib.path_str(p)
+    if key in stacked:
+      layers = [flat.pop(_key(e.ours)) for e in stacked[key]]
+      v.set_value(_stack(layers, sds_of[key].sharding))
+      del layers
+    else:
+      v.set_value(flat.pop(tuple(p)))
   return state_lib.merge_with_rest(graphdef, base, rest, model_cls, config, model_kwargs, targets)
+
+
+def _stack(arrays: list, sharding):
+  """The layers' arrays as one [L, ...] array placed with `sharding`."""
+  return jax.jit(lambda xs: jnp.stack(xs), out_shardings=sharding)(arrays)
 
 
 def convert_checkpoint(out_dir: str | os.PathLike, parts: Iterable[tuple[ModelKind, str | os.PathLike]], *,
@@ -150,7 +224,7 @@ def convert_checkpoint(out_dir: str | os.PathLike, parts: Iterable[tuple[ModelKi
   meta: dict[str, Any] = {"format": FORMAT, "dtype": jnp.dtype(dtype).name, "sources": {}}
   for kind, path in parts:
     model, config = import_pretrained(kind, path, dtype=dtype, ignore=ignore, progress=progress)
-    save_params(out / "params" / kind.name, model)
+    save_params(out / "params" / kind.name, model, kind.rules)
     storage.write_atomic(out / f"{kind.name}_config.json", json.dumps(config.to_hf_config(), indent=2) + "\n")
     meta["sources"][kind.name] = str(path)
     del model
@@ -204,6 +278,6 @@ def load_converted(directory: str | os.PathLike, kinds: Sequence[ModelKind], *, 
                                       overrides)
     kwargs = dict((model_kwargs or {}).get(kind.name) or {})
     models.append(restore_params(params, kind.model_cls, config, shardings=shardings, mesh=mesh,
-                                 sharding_rules=sharding_rules, **kwargs))
+                                 sharding_rules=sharding_rules, rules=kind.rules, **kwargs))
     meta[f"{kind.name}_config"] = config
   return models, meta

@@ -6,6 +6,11 @@ The leaf of the import graph: stdlib and numpy only, so a model module can decla
 A `KeyRule` names an HF key pattern and our flat parameter path pattern (both with an optional `{i}` layer
 index) and a `Transform` with its inverse. Import and export walk the same table, so they cannot drift.
 Our flat paths are the NNX state paths joined by "." (e.g. "model.layers.3.self_attn.q_proj.kernel").
+
+Stacked layers (a model built with `scan_layers`): a rule whose `ours` has a `{i}.` component also matches
+that pattern without it (`model.layers.self_attn.q_proj.kernel`): one parameter whose leading axis is the
+layer, holding HF's `model.layers.{i}...` tensors for i = 0..L-1 (`layer_entries`). Import stacks them,
+export unstacks them; each per-layer tensor goes through the same transform as an unrolled one.
 """
 
 from __future__ import annotations
@@ -54,6 +59,19 @@ class KeyRule:
     m = self._regex(self.ours).match(path)
     return m.groupdict() if m else None
 
+  @property
+  def stacked_ours(self) -> str | None:
+    """Our path pattern for the layers stacked along a leading axis (`ours` without its `{i}.`), or None
+    when the rule has no layer index."""
+    return self.ours.replace("{i}.", "") if "{i}." in self.ours else None
+
+  def match_stacked(self, path: str) -> dict | None:
+    pattern = self.stacked_ours
+    if pattern is None:
+      return None
+    m = self._regex(pattern).match(path)
+    return m.groupdict() if m else None
+
   def match_hf(self, key: str) -> dict | None:
     for pattern in (self.hf, *self.hf_aliases):
       m = self._regex(pattern).match(key)
@@ -71,6 +89,47 @@ def rule_for_ours(rules: list[KeyRule], path: str) -> tuple[KeyRule, dict]:
     if groups is not None:
       return rule, groups
   raise ConversionError(f"no key rule for our parameter {path!r}")
+
+
+def stacked_rule_for_ours(rules: list[KeyRule], path: str) -> tuple[KeyRule, dict] | None:
+  """The rule whose stacked form (`KeyRule.stacked_ours`) matches our `path`, with its groups (no `i`), or
+  None when `path` is not a stacked-layer parameter."""
+  for rule in rules:
+    groups = rule.match_stacked(path)
+    if groups is not None:
+      return rule, groups
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerEntry:
+  """One HF tensor held by our parameter: `rule` with `groups` (including "i" for a layer); `layer` is the
+  index along our parameter's leading axis for a stacked parameter, None for an unrolled one (the tensor
+  is the whole parameter)."""
+  rule: KeyRule
+  groups: dict
+  layer: int | None
+
+  @property
+  def ours(self) -> str:
+    """The unrolled (per-layer) spelling of our path, e.g. model.layers.3.mlp.up_proj.kernel."""
+    return self.rule.ours.format(**self.groups)
+
+  def hf_names(self) -> list[str]:
+    return self.rule.hf_names(self.groups)
+
+
+def layer_entries(rules: list[KeyRule], path: str, shape: Sequence[int]) -> list[LayerEntry]:
+  """The HF tensors our parameter `path` (of `shape`) holds: one entry for an unrolled path, shape[0]
+  entries (layer 0..L-1) for a stacked one. Raises ConversionError when no rule covers `path`."""
+  stacked = stacked_rule_for_ours(rules, path)
+  if stacked is None:
+    rule, groups = rule_for_ours(rules, path)
+    return [LayerEntry(rule, groups, None)]
+  rule, groups = stacked
+  if not shape:
+    raise ConversionError(f"our stacked parameter {path!r} has no leading layer axis")
+  return [LayerEntry(rule, {**groups, "i": str(i)}, i) for i in range(int(shape[0]))]
 
 
 def rule_for_hf(rules: list[KeyRule], key: str) -> tuple[KeyRule, dict] | None:

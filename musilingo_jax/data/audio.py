@@ -256,3 +256,102 @@ def extractor_do_normalize(directory: str | os.PathLike | None, dataset: str) ->
                      "through MERT's feature extractor, whose do_normalize it holds. Re-run scripts/convert_hf.py "
                      "(it keeps the file) or copy it from the MERT checkpoint")
   return True
+
+
+# ---- why a file is not audio (the programs' input checks) ----------------------------------------------
+
+_MAGIC = ((b"RIFF", "WAV/RIFF"), (b"RIFX", "WAV/RIFX"), (b"fLaC", "FLAC"), (b"OggS", "Ogg"), (b"ID3", "MP3 (ID3)"),
+          (b"FORM", "AIFF"), (b"\x93NUMPY", ".npy array"))
+
+
+def _sniff(head: bytes) -> str | None:
+  """What the first bytes of a file say it is: a known audio container, text (with its start), or None."""
+  for magic, name in _MAGIC:
+    if head.startswith(magic):
+      return name
+  if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+    return "MP3 frames"
+  try:
+    text = head.decode("utf-8")
+  except UnicodeDecodeError:
+    return None
+  if text and sum(c.isprintable() or c in "\r\n\t" for c in text) >= 0.95 * len(text):
+    first = " ".join(text.split())[:40]
+    return f"text ({first!r})"
+  return None
+
+
+class _CapturedStderr:
+  """Collects what C decoders (libsndfile's mpg123, ffmpeg) write straight to file descriptor 2 while
+  probing, so a program's stderr stays one line; `.text` holds it afterwards."""
+
+  def __enter__(self):
+    import tempfile
+    self._tmp = tempfile.TemporaryFile()
+    try:
+      self._saved = os.dup(2)
+      os.dup2(self._tmp.fileno(), 2)
+    except OSError:
+      self._saved = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._saved is not None:
+      os.dup2(self._saved, 2)
+      os.close(self._saved)
+    self._tmp.seek(0)
+    self.text = self._tmp.read().decode("utf-8", "replace")
+    self._tmp.close()
+
+
+def _soundfile_reason(path: str, err: Exception, captured: str) -> str:
+  msg = str(err).strip()
+  prefix = f"Error opening {path!r}: "
+  if msg.startswith(prefix):
+    msg = msg[len(prefix):]
+  notes = [ln.split(":", 1)[-1].strip() for ln in captured.splitlines() if ln.strip()]
+  if notes and "does not exist or is not a regular file" in msg:  # libsndfile's word for an mp3 it cannot decode
+    msg = f"mpg123: {notes[0]}"
+  return msg.rstrip(".")
+
+
+def not_audio_reason(path: str | os.PathLike) -> str | None:
+  """None when a decoder opens `path` as audio; else one phrase saying why it is not audio, with each
+  decoder's reason, tried as `read_audio` tries them: libsndfile (soundfile) first, then audioread (librosa's
+  fallback), e.g. "not audio: the file holds text ('hello'); soundfile: Format not recognised; audioread:
+  no backend could decode it (backends: RawAudioFile)". Only headers are read. A missing or empty file, or a
+  .npy (raw arrays, read as such), gives the matching BadAudio reason; what the C decoders print to stderr
+  while probing is kept out of the program's stderr."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    return "missing_file: no such file" if not os.path.exists(path) else "not audio: a folder, not a file"
+  if os.path.getsize(path) == 0:
+    return "empty: zero-byte file"
+  if path.lower().endswith(".npy"):
+    return None
+  with open(path, "rb") as f:
+    kind = _sniff(f.read(512))
+  reasons = []
+  with _CapturedStderr() as cap:
+    try:
+      sf.info(path)
+      return None
+    except Exception as err:  # noqa: BLE001 - any failure is a reason to report
+      sf_err = err
+  reasons.append(f"soundfile: {_soundfile_reason(path, sf_err, cap.text)}")
+  try:
+    import audioread
+    with _CapturedStderr():
+      try:
+        with audioread.audio_open(path):
+          return None
+      except audioread.NoBackendError:
+        names = ", ".join(b.__name__ for b in audioread.available_backends()) or "none"
+        reasons.append(f"audioread: no backend could decode it (backends: {names})")
+      except Exception as err:  # noqa: BLE001
+        reasons.append(f"audioread: {type(err).__name__}" + (f": {err}" if str(err).strip() else ""))
+  except ImportError:
+    pass
+  what = f"the file holds {kind}" if kind and kind.startswith("text") else (
+      f"it starts like {kind} but does not decode" if kind else "unknown format")
+  return f"not audio: {what}; " + "; ".join(reasons)

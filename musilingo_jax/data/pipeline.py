@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import copy
 import json
 import os
 import sys
@@ -318,6 +319,93 @@ class _Collate:
     return batch
 
 
+def row_fits(row: Sequence[dict], ex: dict, *, max_len: int, max_segments: int, max_labels: int) -> bool:
+  """Whether example `ex` joins packed row `row`: the row's positions stay within max_len, it holds at most
+  max_segments examples and their answers at most max_labels tokens."""
+  return (len(row) < max_segments
+          and sum(prompts.example_positions(e) for e in row) + prompts.example_positions(ex) <= max_len
+          and sum(len(e["answer"]) for e in row) + len(ex["answer"]) <= max_labels)
+
+
+class _PackRows(grain.IterDataset):
+  """Examples -> packed rows: a greedy next-fit packer, in stream order (no reordering, so the rows are a
+  pure function of the example stream). A row takes examples while its positions stay within `max_len`,
+  it holds at most `max_segments` of them and their answers at most `max_labels` tokens (the LM head's
+  per-row budget, config.loss_positions); skipped examples (filler rows) leave only their reason.
+
+  Checkpointable and exact on resume: the state is the parent's state at the start of the next row (before
+  an example read but not placed is read again), so a restored iterator re-packs the same rows."""
+
+  def __init__(self, parent: grain.IterDataset, *, max_len: int, max_segments: int, max_labels: int):
+    super().__init__(parent)
+    self.max_len, self.max_segments, self.max_labels = max_len, max_segments, max_labels
+
+  def __iter__(self):
+    return _PackIterator(self._parent.__iter__(), self.max_len, self.max_segments, self.max_labels)
+
+  def __str__(self) -> str:
+    return f"_PackRows(max_len={self.max_len}, max_segments={self.max_segments}, max_labels={self.max_labels})"
+
+
+class _PackIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, max_len: int, max_segments: int, max_labels: int):
+    super().__init__(parent)
+    self.max_len, self.max_segments, self.max_labels = max_len, max_segments, max_labels
+    self._pending = None  # (an example read but not placed, the parent's state before it)
+
+  def __next__(self) -> dict:
+    row, skipped = [], []
+    if self._pending is not None:
+      row = [self._pending[0]]
+      self._pending = None
+    while True:
+      state = copy.deepcopy(self._parent.get_state())
+      try:
+        ex = next(self._parent)
+      except StopIteration:
+        if row or skipped:
+          return {"examples": row, "skipped": skipped}
+        raise
+      if not ex["valid"]:
+        if ex["_skip"]:
+          skipped.append(ex["_skip"])
+        continue  # a skipped record takes no space; a row past the end of finite data (no reason) neither
+      if row and not row_fits(row, ex, max_len=self.max_len, max_segments=self.max_segments,
+                              max_labels=self.max_labels):
+        self._pending = (ex, state)
+        return {"examples": row, "skipped": skipped}
+      row.append(ex)
+
+  def get_state(self) -> dict:
+    return {"parent": copy.deepcopy(self._pending[1] if self._pending is not None else self._parent.get_state())}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._pending = None
+
+
+class _CollatePacked:
+  """Packed rows of one global batch (this process's) -> `accum_steps` micro-batches of
+  `prompts.collate_packed`, interleaved as the train step takes them apart."""
+
+  def __init__(self, tokenizer, *, max_len, max_segments, pad_id, accum_steps=1):
+    self.kw = dict(max_len=max_len, bos_id=tokenizer.bos_id, pad_id=pad_id, max_segments=max_segments)
+    self.accum = accum_steps
+
+  def __call__(self, rows: Sequence[dict]) -> dict:
+    rows = list(rows)
+    if len(rows) % self.accum:
+      raise ValueError(f"{len(rows)} rows do not split into {self.accum} micro-batches")
+    per = len(rows) // self.accum
+    clean = lambda ex: {k: v for k, v in ex.items() if k != "_skip"}  # noqa: E731
+    micro = [prompts.collate_packed([[clean(ex) for ex in r["examples"]] for r in rows[a * per:(a + 1) * per]],
+                                    **self.kw) for a in range(self.accum)]
+    batch = prompts.interleave_micro_batches(micro)
+    batch["_skipped"] = tuple(reason for r in rows for reason in r["skipped"])
+    return batch
+
+
 class BatchIterator:
   """Iterator of numpy batches with Grain's checkpointable state and skip counts (`skipped`)."""
 
@@ -367,16 +455,25 @@ def set_state(it: BatchIterator, state: dict[str, Any]) -> None:
   it.set_state(state)
 
 
+def _is_source(files) -> bool:
+  """Whether `files` is a random-access source of records (len, [i] -> bytes) rather than paths."""
+  return (hasattr(files, "__getitem__") and hasattr(files, "__len__")
+          and not isinstance(files, (str, bytes, os.PathLike, list, tuple)))
+
+
 def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, audio_slots: int, max_len: int,
                  layout: str = "reference", use_features: bool = False, drop_remainder: bool = True,
                  process_index: int | None = None, process_count: int | None = None, worker_count: int = 0,
                  num_threads: int = 2, prefetch: int = 4, audio_samples: int | None = None,
                  normalize_audio: bool = False, accum_steps: int = 1, pad_id: int | None = None,
-                 tokens_of_samples=None) -> BatchIterator:
+                 tokens_of_samples=None, pack_segments: int = 1, pack_labels: int | None = None) -> BatchIterator:
   """Batches of `batch_size` rows (per process) for this process. See the module docstring.
 
-  files: shard paths, a directory or a glob. num_epochs None repeats forever. audio_slots: the static
+  pack_segments > 1 (layout="packed"): each row holds up to that many examples (`_PackRows`: greedy, in
+  stream order, exact on resume), their answers at most `pack_labels` tokens (the LM head's budget per row);
+  rows past the end of finite data are not filled up. files: shard paths, a directory or a glob, or a random-access source of record bytes (len and [i]; e.g.
+  data.tfds_builders.RecordSource over a TFDS build, whose max_audio_samples stands in for the report). num_epochs None repeats forever. audio_slots: the static
   number of audio-token slots (`features` rows; >= every clip's tokens, see `audio_slot_bound`).
   audio_samples: fixed S of `audio` (default: max_audio_samples from the precompute report beside the
   shards). accum_steps: the batch holds that many micro-batches, each laid out on its own. pad_id: the pad
@@ -400,8 +497,13 @@ def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_si
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  paths = resolve_files(files)
-  source = array_record_source(paths)
+  if _is_source(files):  # a random-access source of record bytes (e.g. tfds_builders.RecordSource)
+    paths, source = [repr(files)], files
+    if audio_samples is None:
+      audio_samples = getattr(files, "max_audio_samples", None)
+  else:
+    paths = resolve_files(files)
+    source = array_record_source(paths)
   if len(source) == 0:
     raise ValueError(f"no records in {paths}")
   first = None
@@ -421,7 +523,7 @@ def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_si
   else:
     if "audio" not in first:
       raise ValueError(f"{paths[0]} holds features only: use use_features=True")
-    if audio_samples is None:
+    if audio_samples is None and not _is_source(files):
       audio_samples = _reported_audio_samples(paths)
     if audio_samples is None:
       raise ValueError("audio_samples not given and no precompute report ({split}-report.json) beside "
@@ -436,11 +538,21 @@ def make_dataset(files, *, tokenizer, prompt_cfg: prompts.PromptConfig, batch_si
                      audio_samples=audio_samples, use_features=use_features, feature_dim=feature_dim,
                      normalize_audio=normalize_audio, tokens_of_samples=tokens_of_samples)
   ds = ds.map(prepare)
-  ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=_Collate(tokenizer, max_len=max_len, layout=layout, filler=prepare.filler,
-                                  pad_id=tokenizer.eos_id if pad_id is None else pad_id,
-                                  accum_steps=accum_steps))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch))
+  pad = tokenizer.eos_id if pad_id is None else pad_id
+  read = grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=prefetch)
+  if pack_segments > 1:  # several examples per row: pack the example stream, then batch the rows
+    if layout != "packed":
+      raise ValueError(f"pack_segments = {pack_segments} needs layout='packed' (got {layout!r})")
+    it_ds = _PackRows(ds.to_iter_dataset(read), max_len=max_len, max_segments=pack_segments,
+                      max_labels=pack_labels or max_len)
+    it_ds = it_ds.batch(batch_size, drop_remainder=True,
+                        batch_fn=_CollatePacked(tokenizer, max_len=max_len, max_segments=pack_segments, pad_id=pad,
+                                                accum_steps=accum_steps))
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True,
+                  batch_fn=_Collate(tokenizer, max_len=max_len, layout=layout, filler=prepare.filler, pad_id=pad,
+                                    accum_steps=accum_steps))
+    it_ds = ds.to_iter_dataset(read)
   if worker_count > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app nothing parsed them

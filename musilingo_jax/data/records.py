@@ -17,6 +17,9 @@ Record = one msgpack map (schema 1); numpy arrays are maps {"__nd__": dtype.str,
   kind, labels (JSON text)  when the annotation has them (demo set)
   extra        JSON text of the remaining annotation fields
 
+The per-sample half of precompute (text checks, decoding, crop, the record's layout) is `Examples`; the TFDS
+builders (data/tfds_builders.py) use it too, so their examples are these records byte for byte.
+
 Shards are `{split}-{i:05d}-of-{n:05d}.array_record` (group_size 1: cheap random access). Each finished
 shard has a `.json` sidecar with its counts (and record count), so a rerun skips it and still reports it;
 both files are written under temporary names and renamed (sidecar first, shard last: the shard's presence =
@@ -234,6 +237,83 @@ def _skip(sample: readers.Sample, reason: str, detail: str) -> dict:
   return {"id": sample.id, "reason": reason, "detail": detail, "path": sample.audio_source.path}
 
 
+class Examples:
+  """The per-sample half of precompute, shared with the TFDS builders (data/tfds_builders.py), so both give
+  the same bytes for a sample: the text checks, decoding (a cache of recently decoded clips), the crop/pad
+  and resampling by the data set's policy (a random crop seeded by (cfg.seed, sample index)), and the
+  record's layout. Thread-safe: `load` runs in a thread pool.
+
+    ex = Examples(cfg)
+    for index, sample, res in ex.map(enumerate(samples), pool, in_flight=8):
+      if "reason" in res: ...                      # a skip: {"id", "reason", "detail", "path"}
+      else: record = ex.record(sample, res)        # res = {"window": audio.Window, "scale": float}
+  """
+
+  def __init__(self, cfg: PrecomputeConfig):
+    self.cfg = cfg
+    self.crop = cfg.resolved_crop()
+    self.window = audio_lib.NATIVE_WINDOW[cfg.dataset]
+    self.extractor = cfg.dataset in audio_lib.EXTRACTOR_DATASETS
+    self._cache = _ClipCache(size=max(8, 2 * cfg.workers))
+
+  def load(self, item: tuple[int, readers.Sample]) -> tuple[int, readers.Sample, dict]:
+    """(index, sample) -> (index, sample, {"window": Window, "scale": input_scale}) or (index, sample, skip),
+    a skip being {"id", "reason" (one of SKIP_REASONS), "detail", "path"}. `scale` is
+    `audio.reference_input_scale` for the data sets whose clips go through MERT's feature extractor, else 1."""
+    cfg = self.cfg
+    index, sample = item
+    answer, question = sample.answer, sample.question or ""
+    if not answer.strip():
+      return index, sample, _skip(sample, "empty_answer", "answer is empty")
+    longest = max(len(answer), len(question))
+    if longest > cfg.max_text_chars:
+      return index, sample, _skip(sample, "over_long_text", f"{longest} characters > {cfg.max_text_chars}")
+    clip = self._cache.get(sample.audio_source)
+    if isinstance(clip, audio_lib.BadAudio):
+      return index, sample, _skip(sample, clip.reason, clip.detail)
+    rng = np.random.default_rng([cfg.seed, index])
+    try:
+      win = audio_lib.load_window(sample.audio_source.path, native_window=self.window, crop=self.crop, rng=rng,
+                                  min_seconds=cfg.min_seconds, clip=clip)
+    except audio_lib.BadAudio as err:
+      return index, sample, _skip(sample, err.reason, err.detail)
+    except Exception as err:  # noqa: BLE001 - a corrupt input never stops the run
+      return index, sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
+    scale = 1.0
+    if self.extractor:
+      try:
+        scale = audio_lib.reference_input_scale(sample.audio_source.path)
+      except Exception as err:  # noqa: BLE001 - as above
+        return index, sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
+    return index, sample, {"window": win, "scale": scale}
+
+  def map(self, items: Iterable[tuple[int, readers.Sample]], pool: cf.Executor,
+          in_flight: int) -> Iterator[tuple[int, readers.Sample, dict]]:
+    """`load` over (index, sample) items in `pool`, in order, at most `in_flight` loaded at a time."""
+    return _bounded_map(pool, self.load, items, in_flight)
+
+  def record(self, sample: readers.Sample, loaded: dict, features: np.ndarray | None = None) -> dict:
+    """The record (module docstring) of a loaded sample; `features` [T', D] when precomputed."""
+    cfg, win = self.cfg, loaded["window"]
+    record = {"schema": SCHEMA, "id": sample.id, "dataset": cfg.dataset, "split": cfg.split,
+              "question": sample.question, "answer": sample.answer, "audio_len": win.length,
+              "sample_rate": audio_lib.TARGET_SR, "source": sample.audio_source.path,
+              "source_rate": win.native_rate, "crop_start": win.start}
+    if self.extractor:
+      record["input_scale"] = loaded["scale"]
+    if cfg.features != "only":
+      record["audio"] = quantize_audio(win.audio, cfg.audio_dtype)
+    if features is not None:
+      record["features"] = features.astype(cfg.features_dtype)
+    extra = dict(sample.extra)
+    for key in ("kind", "labels"):
+      if key in extra:
+        value = extra.pop(key)
+        record[key] = value if key == "kind" else json.dumps(value)
+    record["extra"] = json.dumps(extra, default=str)
+    return record
+
+
 def precompute(cfg: PrecomputeConfig,
                encoder_fn: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
   """Writes the shards of one split and returns (and writes) the report. Resumable.
@@ -264,38 +344,9 @@ def precompute(cfg: PrecomputeConfig,
   else:
     _atomic_write_text(mpath, json.dumps(manifest, indent=1))
 
-  crop = cfg.resolved_crop()
-  window = audio_lib.NATIVE_WINDOW[cfg.dataset]
-  extractor = cfg.dataset in audio_lib.EXTRACTOR_DATASETS
+  examples = Examples(cfg)
   normalize = manifest["extractor_normalize"]
-  cache = _ClipCache(size=max(8, 2 * cfg.workers))
   features_cache: collections.OrderedDict = collections.OrderedDict()
-
-  def load(item):
-    index, sample = item
-    answer, question = sample.answer, sample.question or ""
-    if not answer.strip():
-      return sample, _skip(sample, "empty_answer", "answer is empty")
-    longest = max(len(answer), len(question))
-    if longest > cfg.max_text_chars:
-      return sample, _skip(sample, "over_long_text", f"{longest} characters > {cfg.max_text_chars}")
-    clip = cache.get(sample.audio_source)
-    if isinstance(clip, audio_lib.BadAudio):
-      return sample, _skip(sample, clip.reason, clip.detail)
-    rng = np.random.default_rng([cfg.seed, index])
-    try:
-      win = audio_lib.load_window(sample.audio_source.path, native_window=window, crop=crop, rng=rng,
-                                  min_seconds=cfg.min_seconds, clip=clip)
-    except audio_lib.BadAudio as err:
-      return sample, _skip(sample, err.reason, err.detail)
-    except Exception as err:  # noqa: BLE001 - a corrupt input never stops the run
-      return sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
-    if extractor:
-      try:
-        win = (win, audio_lib.reference_input_scale(sample.audio_source.path))
-      except Exception as err:  # noqa: BLE001 - as above
-        return sample, _skip(sample, "unreadable", f"{type(err).__name__}: {err}")
-    return sample, win
 
   def features_of(sample, win, scale):
     key = (sample.audio_source.path, win.start)
@@ -331,8 +382,7 @@ def precompute(cfg: PrecomputeConfig,
              desc=f"{cfg.dataset}/{cfg.split}")
   local_tmp = tempfile.mkdtemp(prefix="musilingo-shards-") if remote and todo else None
   try:
-    _write_shards(cfg, out, todo, samples, n_shards, shard_stats, load, features_of, extractor, bar, remote,
-                  local_tmp)
+    _write_shards(cfg, out, todo, samples, n_shards, shard_stats, examples, features_of, bar, remote, local_tmp)
   finally:
     if local_tmp is not None:
       shutil.rmtree(local_tmp, ignore_errors=True)
@@ -342,7 +392,7 @@ def precompute(cfg: PrecomputeConfig,
   return report
 
 
-def _write_shards(cfg, out, todo, samples, n_shards, shard_stats, load, features_of, extractor, bar, remote,
+def _write_shards(cfg, out, todo, samples, n_shards, shard_stats, examples: Examples, features_of, bar, remote,
                   local_tmp) -> None:
   """Writes the shards `todo` (precompute's loop); a remote shard goes through `local_tmp`, then upload."""
   from array_record.python import array_record_module
@@ -359,38 +409,23 @@ def _write_shards(cfg, out, todo, samples, n_shards, shard_stats, load, features
                "audio_samples": 0, "max_audio_samples": 0, "feature_frames": 0, "feature_dim": 0}
       writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
       try:
-        for sample, res in _bounded_map(pool, load, chunk, in_flight=2 * max(1, cfg.workers) + 2):
+        for _, sample, res in examples.map(chunk, pool, in_flight=2 * max(1, cfg.workers) + 2):
           bar.update(1)
-          if isinstance(res, dict):
+          if "reason" in res:
             stats["skipped"].append(res)
             continue
-          res, scale = res if extractor else (res, 1.0)
-          record = {"schema": SCHEMA, "id": sample.id, "dataset": cfg.dataset, "split": cfg.split,
-                    "question": sample.question, "answer": sample.answer, "audio_len": res.length,
-                    "sample_rate": audio_lib.TARGET_SR, "source": sample.audio_source.path,
-                    "source_rate": res.native_rate, "crop_start": res.start}
-          if extractor:
-            record["input_scale"] = scale
-          if cfg.features != "only":
-            record["audio"] = quantize_audio(res.audio, cfg.audio_dtype)
+          feats = None
           if cfg.features:
-            feats = features_of(sample, res, scale)
+            feats = features_of(sample, res["window"], res["scale"])
             if not np.isfinite(feats).all():
               stats["skipped"].append(_skip(sample, "nan", "encoder features are not finite"))
               continue
-            record["features"] = feats.astype(cfg.features_dtype)
             stats["feature_frames"] = max(stats["feature_frames"], feats.shape[0])
             stats["feature_dim"] = feats.shape[1]
-          extra = dict(sample.extra)
-          for key in ("kind", "labels"):
-            if key in extra:
-              value = extra.pop(key)
-              record[key] = value if key == "kind" else json.dumps(value)
-          record["extra"] = json.dumps(extra, default=str)
-          writer.write(encode_record(record))
+          writer.write(encode_record(examples.record(sample, res, feats)))
           stats["written"] += 1
-          stats["audio_samples"] += res.length
-          stats["max_audio_samples"] = max(stats["max_audio_samples"], len(res.audio))
+          stats["audio_samples"] += res["window"].length
+          stats["max_audio_samples"] = max(stats["max_audio_samples"], len(res["window"].audio))
       finally:
         writer.close()
       _atomic_write_text(side, json.dumps(stats))

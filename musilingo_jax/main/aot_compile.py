@@ -6,6 +6,8 @@
   musilingo-aot --config configs/lora.py:musicqa --topology v5p:2x2x2 ...
   musilingo-aot --config configs/finetune.py:musicqa --topology 2xv5e:4x4   # two slices
   musilingo-aot --config configs/finetune.py:musicqa --table   # docs/aot_table.md (+ .json)
+  musilingo-aot --config configs/finetune.py:musicqa --table --table_cases v5e:4x4/projection/features/fsdp/1 \
+      --table_variant model.scan_layers=false --table_variant model.scan_layers=true   # scan before/after
 
 (`python scripts/aot_compile.py ...` is the same program.)
 
@@ -17,6 +19,7 @@ Needs libtpu (`pip install "jax[tpu]"`, or the [tpu] extra); libtpu's "no TPU fo
 # jax and the compiler are imported inside main(): --help stays instant.
 
 import json
+import shlex
 import sys
 import time
 
@@ -34,6 +37,12 @@ _CASES = flags.DEFINE_list("table_cases", [], "Cases for --table instead of aot.
                           "topology/trainable/inputs/preset/rows_per_shard, e.g. v5e:4x4/projection/features/fsdp/1.")
 
 
+_VARIANTS = flags.DEFINE_multi_string(
+    "table_variant", [], "Compile every --table case once per variant: config overrides as "
+    "field=value[,field=value], e.g. model.scan_layers=false or model.scan_layers=true,model.remat=full "
+    "(repeat the flag; in the order given, in one process, so compile times compare).")
+
+
 _MERGE = flags.DEFINE_list("table_merge", [], "Re-render --table_out from these saved table JSON files (e.g. "
                            "parts compiled on several machines) without compiling.")
 
@@ -41,6 +50,36 @@ _MERGE = flags.DEFINE_list("table_merge", [], "Re-render --table_out from these 
 def _lora_settings():
   from musilingo_jax.configs import lora
   return lora.get_config("musicqa").train.lora
+
+
+def _command() -> str:
+  """This run's command line, as `python scripts/aot_compile.py ...` (for the table's preamble)."""
+  return " ".join(["python scripts/aot_compile.py", *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def _parse_value(text: str):
+  low = text.strip().lower()
+  if low in ("true", "false"):
+    return low == "true"
+  try:
+    return int(text)
+  except ValueError:
+    pass
+  try:
+    return float(text)
+  except ValueError:
+    return text.strip()
+
+
+def parse_variant(spec: str) -> dict:
+  """"model.scan_layers=true,model.remat=full" -> {"model.scan_layers": True, "model.remat": "full"}."""
+  out = {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    if "=" not in part:
+      raise ValueError(f"--table_variant {spec!r}: expected field=value[,field=value]")
+    key, value = part.split("=", 1)
+    out[key.strip()] = _parse_value(value)
+  return out
 
 
 def main(argv):
@@ -72,14 +111,18 @@ def main(argv):
     return
 
   lora = _lora_settings()
+  variants = [parse_variant(v) for v in _VARIANTS.value] or [{}]
 
-  def base(mode):
-    cc = c.copy_and_resolve_references()
-    with cc.unlocked():
-      cc.train.trainable = mode
-      if mode == "projection+lora" and c.train.trainable != "projection+lora":
-        cc.train.lora = lora
-    return cc
+  def base_for(variant):
+    def base(mode):
+      cc = c.copy_and_resolve_references()
+      with cc.unlocked():
+        cc.train.trainable = mode
+        if mode == "projection+lora" and c.train.trainable != "projection+lora":
+          cc.train.lora = lora
+      cc.update_from_flattened_dict(variant)
+      return cc
+    return base
 
   cases = aot.DEFAULT_TABLE
   if _CASES.value:
@@ -88,9 +131,16 @@ def main(argv):
   t0 = time.perf_counter()
 
   def write(results):
-    aot.write_table(results, _TABLE_OUT.value, aot.table_header(c, time.perf_counter() - t0, len(results)))
+    aot.write_table(results, _TABLE_OUT.value, aot.table_header(c, time.perf_counter() - t0, len(results),
+                                                                _command()))
 
-  results = aot.run_table(base, cases, log=lambda s: print(s, flush=True), on_result=write)
+  results = []
+  for variant in variants:
+    if variant:
+      print(f"variant {variant}", flush=True)
+    done = list(results)
+    results = done + aot.run_table(base_for(variant), cases, log=lambda s: print(s, flush=True),
+                                   on_result=lambda rs, done=done: write(done + rs))
   write(results)
   print(open(_TABLE_OUT.value).read())
 

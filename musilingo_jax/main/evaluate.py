@@ -11,8 +11,12 @@ factual accuracy per question kind (demo set); writes OUT/eval.json (with every 
 audio through the encoder). --dataset reads a release directly (audio decoded and cropped as precompute does,
 deterministic "start" crops). Sampling defaults are the reference's; --greedy for argmax decoding.
 BERTScore uses --bertscore-model (a local roberta-large directory for numbers comparable with published
-ones) or all-MiniLM-L6-v2 (labelled); --no-bertscore skips it. The frozen weights load in --dtype (default
-bfloat16), split over all local devices.
+ones, or its Hub id FacebookAI/roberta-large, resolved through the Hugging Face cache) or all-MiniLM-L6-v2
+(labelled); --no-bertscore skips it. The frozen weights load in --dtype (default bfloat16), split over all
+local devices. --projection takes what musilingo-generate takes (a Hub id too).
+The inputs are checked and the examples read before the model loads: a missing or wrong folder (no shards of
+the split in --records, a release layout --dataset does not read), a checkpoint or projection that does not
+fit, an unwritable --out is one line `evaluate: error: ...` and exit status 2.
 """
 
 # jax, the metrics and the model modules are imported inside the functions: --help stays instant
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from musilingo_jax.data import readers
 from musilingo_jax.main import cli
@@ -50,11 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def records_examples(directory: str, split: str, limit: int | None) -> list[dict]:
+  """The examples of `split`'s shards in `directory`; cli.InputError naming the folder, the shard names
+  expected and the splits it does hold when it holds no `split` shards."""
+  from musilingo_jax import storage
   from musilingo_jax.build import read_records
   from musilingo_jax.data import records
   files = records.shard_files(directory, split)
   if not files:
-    sys.exit(f"evaluate: no {split} shards in {directory} (expected {records.shard_name(split, 0, 1)} ...)")
+    d = storage.path(directory)
+    held = sorted({p.name.rsplit("-", 3)[0] for p in d.glob("*-?????-of-?????.array_record")}) if d.is_dir() else []
+    found = f"it holds shards of {', '.join(held)}" if held else "it holds no shards"
+    raise cli.InputError(f"--records {directory}: no {split!r} shards (expected {records.shard_name(split, 0, 1)}, "
+                         f"{split}-00000-of-NNNNN.array_record ...; {found}; musilingo-precompute writes them)")
   return read_records(files, limit)
 
 
@@ -77,21 +89,37 @@ def release_examples(dataset: str, data_dir: str, split: str, limit: int | None)
   return out
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+  """Before the model loads: the model source, --records / --data-dir, --out, and --bertscore-model (a Hub id
+  resolved into the Hugging Face cache); raises the one-line errors cli.checked prints."""
+  from musilingo_jax import hub
+  cli.check_model_inputs(args, read={"--records": args.records, "--data-dir": args.data_dir},
+                         write={"--out": args.out})
+  if args.bertscore_model and not args.no_bertscore:
+    args.bertscore_model = hub.resolve_model(args.bertscore_model, what="--bertscore-model")
+    if "://" not in args.bertscore_model and not (Path(args.bertscore_model) / "config.json").is_file():
+      raise cli.InputError(f"--bertscore-model {args.bertscore_model}: not a Hugging Face model folder (no "
+                           f"config.json); expected a local roberta-large directory or a Hub id")
+  if args.dataset:
+    cli.check_release(args.dataset, args.data_dir, args.split)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
-  code = cli.check_storage("evaluate", read={**cli.model_source_reads(args), "--records": args.records},
-                           write={"--out": args.out})
+  code, _ = cli.checked("evaluate", lambda: check_inputs(args))
   if code:
     return code
+  if args.records:
+    code, examples = cli.checked("evaluate", lambda: records_examples(args.records, args.split, args.limit))
+    if code:
+      return code
+  else:
+    examples = release_examples(args.dataset, args.data_dir, args.split, args.limit)
+  print(f"evaluate: {len(examples)} examples", flush=True)
   from musilingo_jax import evaluate as ev, prompts
   from musilingo_jax.build import prompt_config
   model, tokenizer, config = cli.load_model(args, "evaluate")
   prompt_cfg = prompt_config(config) if config is not None else prompts.PromptConfig()
-  if args.records:
-    examples = records_examples(args.records, args.split, args.limit)
-  else:
-    examples = release_examples(args.dataset, args.data_dir, args.split, args.limit)
-  print(f"evaluate: {len(examples)} examples", flush=True)
   results = ev.evaluate(model, tokenizer, examples, batch_size=args.batch_size, prompt_cfg=prompt_cfg,
                         bertscore=not args.no_bertscore, bertscore_model=args.bertscore_model,
                         zero_audio=args.zero_audio, seed=args.seed, progress=True, greedy=args.greedy,

@@ -1,18 +1,27 @@
-"""Export a trained model back to PyTorch / Hugging Face.
+"""Export a trained model to PyTorch / Hugging Face: one folder a PyTorch user can use as it is.
 
   musilingo-export --workdir runs/musicqa --out exported/
   musilingo-export --checkpoint converted/ [--projection proj.pth] --out exported/
   (python scripts/export_pytorch.py ... is the same program)
 
-Writes OUT/musilingo_checkpoint.pth in the reference format ({"model": {"llama_proj.weight": [out, in],
-"llama_proj.bias": [out]}}, loads with load_state_dict(strict=False) into the reference model),
-OUT/llm/ (a LlamaForCausalLM directory with LoRA merged, plus the tokenizer) and OUT/encoder/ (a HubertModel
-directory), through the same key tables as import.
+OUT/ holds (docs/export.md):
+  musilingo_config.json     how the parts fit (pool frames, audio-token rule, prompt template, end symbol,
+                            stop ids, sampling, dtypes, audio preprocessing, LoRA, feature statistics)
+  README.md                 a model card
+  projection.safetensors    llama_proj.weight [out, in] / llama_proj.bias, float32
+  musilingo_checkpoint.pth  the same, in the reference's format ({"model": {"llama_proj.weight", ...}})
+  llm/                      LlamaForCausalLM as save_pretrained writes it (sharded above --max-shard-size), with
+                            generation_config.json (the reference's sampling and stop ids) and the tokenizer;
+                            LoRA merged
+  adapter/                  LoRA runs: a PEFT adapter (adapter_config.json + adapter_model.safetensors)
+  llm_base/                 with --base-llm (LoRA runs): the LLM without the adapters, the adapter's base
+  encoder/                  HubertModel directory + preprocessor_config.json
+musilingo_jax.torch_inference.MusiLingoTorch.from_export(OUT) answers in PyTorch as we do.
 
 --dtype (default bfloat16) is the dtype the frozen weights load in (split over all local devices) and the
-dtype of the tensors in OUT/llm and OUT/encoder (LoRA merged in float32, then cast); float16 loads in
-float32 and writes float16. musilingo_checkpoint.pth is always float32, as the reference's is. Pass
---dtype float32 for float32 Hugging Face directories.
+dtype of the tensors in llm/, llm_base/ and encoder/ (LoRA merged in float32, then cast); float16 loads in
+float32 and writes float16. The projection and the adapter are always float32. Pass --dtype float32 for
+float32 Hugging Face directories.
 
 --workdir, --checkpoint, --projection and --out may be gs:// URLs: the files are written into a local
 temporary folder, then uploaded (each under a temporary name, renamed into place). A missing object or an
@@ -22,7 +31,6 @@ unreachable bucket is one line naming it and exit status 2, before the model loa
 # jax, numpy and the model modules are imported inside main(): --help stays instant.
 
 import argparse
-import os
 import sys
 import tempfile
 
@@ -36,11 +44,21 @@ def main(argv=None) -> int:
       "loaded in float32, written in float16); musilingo_checkpoint.pth is always float32"))
   ap.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")
   ap.add_argument("--out", required=True)
-  ap.add_argument("--no-llm", action="store_true", help="skip OUT/llm")
+  ap.add_argument("--no-llm", action="store_true", help="skip OUT/llm (the merged LLM)")
+  ap.add_argument("--base-llm", action="store_true",
+                  help="LoRA runs: also write OUT/llm_base, the LLM without the adapters (the PEFT adapter's base)")
+  ap.add_argument("--base-model", default=None,
+                  help="LoRA runs: the adapter's base model as adapter_config.json names it (a Hub id or a path; "
+                       "default: the LLM the converted checkpoint was made from)")
   ap.add_argument("--no-encoder", action="store_true", help="skip OUT/encoder")
+  ap.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                  help="largest safetensors shard in GB (decimal) before llm/ is split with an index (default 5)")
   args = ap.parse_args(argv)
   cli.check_model_source(ap, args)
-  code = cli.check_storage("export", read=cli.model_source_reads(args), write={"--out": args.out})
+  if args.max_shard_size <= 0:
+    ap.error(f"--max-shard-size {args.max_shard_size:g}: must be positive (GB)")
+  # Every input (run folder, converted checkpoint, projection file / release / Hub id, --out) before the load.
+  code, _ = cli.checked("export", lambda: cli.check_model_inputs(args, write={"--out": args.out}))
   if code:
     return code
   from musilingo_jax import storage
@@ -55,29 +73,48 @@ def main(argv=None) -> int:
 
 def _export(args, out: str, *, shown: str) -> int:
   """Writes the export into the local folder `out` (`shown`: the --out the messages name)."""
-  import numpy as np
   from musilingo_jax import build
-  from musilingo_jax.convert.hf import export_pretrained
-  from musilingo_jax.convert.pth import save_musilingo_pth
-  from musilingo_jax.models import llama, mert
+  from musilingo_jax import export as export_lib
+  from musilingo_jax.data import audio as audio_lib
   load_dtype = "float32" if args.dtype == "float16" else args.dtype
-  shown_path = lambda p: shown.rstrip("/") + os.fspath(p)[len(out):]  # noqa: E731 - what --out names
-  model, tok, _ = build.load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
+  model, tok, c = build.load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
                                            projection=args.projection, step=args.step, dtype=load_dtype)
   print(build.format_memory_report(build.memory_report(model)), flush=True)
-  os.makedirs(out, exist_ok=True)
-  pth = os.path.join(out, "musilingo_checkpoint.pth")
-  kernel, bias = model.projection_weights()  # a feature standardisation (demo) folded in: works on raw features
-  save_musilingo_pth(pth, np.asarray(kernel), np.asarray(bias))
-  folded = " (feature standardisation folded into the projection)" if model.feature_norm else ""
-  print(f"wrote {shown_path(pth)}{folded}")
-  if not args.no_llm:
-    path = export_pretrained(llama.HF_KIND, model.llm, os.path.join(out, "llm"), args.dtype, tokenizer=tok)
-    print(f"wrote {shown_path(path)} (LlamaForCausalLM{', LoRA merged' if model.cfg.lora else ''})")
-  if not args.no_encoder:
-    path = export_pretrained(mert.HF_KIND, model.encoder, os.path.join(out, "encoder"), args.dtype)
-    print(f"wrote {shown_path(path)} (HubertModel)")
+  source = _sources(args, c)
+  base_model = args.base_model or source.get("llm")
+  try:
+    normalize = audio_lib.extractor_do_normalize(c.model.checkpoint or None, c.data.dataset)
+  except ValueError:
+    normalize = False  # a converted checkpoint without MERT's preprocessor_config.json: the reference's QA data
+  prefix = shown.rstrip("/") + "/"
+  export_lib.export_model(model, tok, out, prompt_cfg=build.prompt_config(c), dtype=args.dtype,
+                          normalize_audio=normalize, llm=not args.no_llm, base_llm=args.base_llm,
+                          encoder=not args.no_encoder, max_shard_bytes=int(args.max_shard_size * 1e9),
+                          base_model=base_model, source=source,
+                          log=lambda name, note: print(f"wrote {prefix}{name}{note}", flush=True))
   return 0
+
+
+def _sources(args, c) -> dict:
+  """Where the exported weights came from (the model card's provenance, adapter_config's base model)."""
+  import json
+
+  from musilingo_jax import storage
+  out = {}
+  if args.workdir:
+    out["run"] = args.workdir
+  ckpt = c.model.get("checkpoint", "") or ""
+  if ckpt:
+    out["converted_checkpoint"] = ckpt
+    meta = storage.path(ckpt) / "meta.json"
+    if meta.is_file():
+      for part, src in json.loads(meta.read_text()).get("sources", {}).items():
+        out[part] = src
+  if args.projection:
+    out["projection"] = args.projection
+  if c.model.get("llm_gguf", ""):
+    out["llm"] = c.model.llm_gguf
+  return out
 
 
 def run() -> None:

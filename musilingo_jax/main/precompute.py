@@ -6,8 +6,11 @@
 
 Resumable: rerun the same command and finished shards are kept. The report (written, skipped by reason with
 the skipped ids, hours of audio) is printed and written to OUT/{split}-report.json. OUT (and --encoder) may
-be a gs:// URL: shards are written locally, then uploaded whole (data/records.py); an unreachable bucket is
-one line naming it and exit status 2, before anything loads.
+be a gs:// URL: shards are written locally, then uploaded whole (data/records.py). --encoder is a converted
+checkpoint (musilingo-convert), an HF MERT folder or its Hub id (resolved through the Hugging Face cache).
+Inputs are checked before anything loads: an unreachable bucket, a missing --data-dir or one without the
+release's annotation file for the split, an --encoder that is neither layout are one line `precompute: error:
+...` and exit status 2.
 `python scripts/precompute.py ...` is the same program.
 """
 
@@ -52,10 +55,45 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def check_encoder(path: str, *, dataset: str, do_normalize: bool | None) -> None:
+  """--encoder (local or gs://) is a converted checkpoint holding the encoder, or an HF MERT folder
+  (config.json); for data sets whose clips go through MERT's feature extractor, it says do_normalize
+  (preprocessor_config.json) unless --do-normalize does. cli.InputError (one line) otherwise."""
+  from musilingo_jax import storage
+  from musilingo_jax.data import audio as audio_lib
+  from musilingo_jax.main import cli
+  root = storage.path(path)
+  if not root.is_dir():
+    what = "not a folder" if root.exists() else "no such folder"
+    raise cli.InputError(f"--encoder {path}: {what} (expected a converted checkpoint or an HF MERT folder)")
+  if (root / "meta.json").is_file():
+    cli.check_converted(path, "--encoder", parts=("encoder",))
+  elif not (root / "config.json").is_file():
+    raise cli.InputError(f"--encoder {path}: neither a converted checkpoint (meta.json, params/encoder) nor an "
+                         f"HF MERT folder (config.json)")
+  if do_normalize is None and dataset in audio_lib.EXTRACTOR_DATASETS:
+    try:
+      audio_lib.extractor_do_normalize(path, dataset)
+    except ValueError as e:
+      raise cli.InputError(f"--encoder {path}: {e} (or pass --do-normalize / --no-do-normalize)") from None
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+  """Before any decoding or encoder load: --encoder (a Hub id resolved first), --out, --data-dir and the
+  release's annotation file for --split; raises the one-line errors cli.checked prints."""
+  from musilingo_jax.main import cli
+  cli.resolve_hub_ids(args, {"--encoder": cli.HUB_MODEL})
+  remote = args.encoder if args.encoder and "://" in args.encoder else None
+  cli.storage_checks(read={"--encoder": remote}, write={"--out": args.out})  # (local: check_encoder says more)
+  if args.encoder:
+    check_encoder(args.encoder, dataset=args.dataset, do_normalize=args.do_normalize)
+  cli.check_release(args.dataset, args.data_dir, args.split, musicinstruct_file=args.musicinstruct_file)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   from musilingo_jax.main import cli
-  code = cli.check_storage("precompute", read={"--encoder": args.encoder}, write={"--out": args.out})
+  code, _ = cli.checked("precompute", lambda: check_inputs(args))
   if code:
     return code
   from musilingo_jax.data import readers, records

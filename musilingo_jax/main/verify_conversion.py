@@ -12,6 +12,10 @@ Llama: max |diff| of the logits. Everything in float32, matmuls at "highest" pre
 A row passes when max |diff| <= tol * max(1, max |reference|): float32 sums in another order differ by a
 few 1e-6 of the values' scale, and MERT's residual stream or a 30-layer LLM's logits reach tens or hundreds
 (SmolLM2 on random ids: max |diff| ~1e-4 at logits ~25). Exits 1 when a row fails.
+
+--mert / --llm take what musilingo-convert takes, Hub ids included (read from the Hugging Face cache: this
+program sets HF_HUB_OFFLINE=1 unless it is set); they are checked before anything loads (one line `verify:
+error: ...`, exit status 2).
 """
 
 # jax, torch, transformers and the converter are imported inside the functions: --help stays instant.
@@ -80,8 +84,8 @@ def verify_llm(path, *, seq: int = 16, batch: int = 2, seed: int = 0) -> list[tu
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--mert", help="HF MERT/HuBERT directory")
-  ap.add_argument("--llm", help="HF LLaMA directory or .gguf file")
+  ap.add_argument("--mert", help="HF MERT/HuBERT directory, or its Hub id")
+  ap.add_argument("--llm", help="HF LLaMA directory or .gguf file, or a Hub id")
   ap.add_argument("--tol", type=float, default=1e-4, help="relative to max(1, max|reference|)")
   ap.add_argument("--seconds", type=float, default=1.0, help="length of the random waveform for MERT")
   ap.add_argument("--seq", type=int, default=16, help="length of the random token sequence for the LLM")
@@ -89,6 +93,11 @@ def main(argv=None) -> int:
   if args.mert is None and args.llm is None:
     ap.error("give --mert and/or --llm")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  from musilingo_jax.main import cli, convert_hf
+  args.out = None  # convert_hf.check_inputs' OUT: nothing is written here
+  code, _ = cli.checked("verify", lambda: convert_hf.check_inputs(args))
+  if code:
+    return code
   import jax
   jax.config.update("jax_default_matmul_precision", "highest")
   rows = []

@@ -7,16 +7,23 @@ created with `eager_sharding=False`: a model can be built (or `nnx.eval_shape`d)
 
 Parameter names follow Hugging Face's PyTorch names wherever possible (a `Linear` has `kernel`
 [in, out], the transpose of torch's `weight` [out, in]), so the conversion key tables stay mechanical.
+
+Repeated layers are built either as an `nnx.List` (unrolled: `layers.3.mlp.up_proj.kernel`) or, with a config's
+`scan_layers`, by `stacked` (one module whose every variable has a leading layer axis named
+`sharding.LAYERS`: `layers.mlp.up_proj.kernel` [L, in, out]) that the models run with `nnx.scan`. `remat`
+wraps one layer's call in the config's rematerialisation policy (`REMAT_POLICIES`) in either form.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from musilingo_jax.sharding import LAYERS
 
 Axes = tuple[str | None, ...]
 
@@ -72,13 +79,14 @@ class Linear(nnx.Module):
     else:
       self.lora_a = self.lora_b = self.lora_dropout = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, rngs: jax.Array | None = None) -> jax.Array:
+    """rngs: a key for the LoRA dropout mask instead of the layer's own stream (stacked layers own none)."""
     x = x.astype(self.dtype)
     y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:
-      h = self.lora_dropout(x)
+      h = self.lora_dropout(x, rngs=rngs)
       y = y + (h @ self.lora_a[...].astype(self.dtype) @ self.lora_b[...].astype(self.dtype)
                ) * jnp.asarray(self.lora.scale, self.dtype)
     return y
@@ -125,3 +133,61 @@ class LayerNorm(nnx.Module):
     y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
     y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)
+
+
+# ---- repeated layers: stacked construction and per-layer rematerialisation ----------------------------------
+
+# config `remat` -> jax.checkpoint policy per layer call: "none" = no rematerialisation (every residual of the
+# backward pass is kept); "full" = keep only the layer's inputs, recompute the rest in the backward pass;
+# the others are jax.checkpoint_policies of that name (which intermediates are kept).
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable")
+
+
+def check_remat(name: str, owner: str) -> None:
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"{owner} field 'remat' = {name!r} is not supported; expected one of {REMAT_POLICIES}")
+
+
+def remat(fn: Callable, policy: str, *, prevent_cse: bool = True) -> Callable:
+  """`fn(layer, *args)` (a layer's call) under the named rematerialisation policy (`REMAT_POLICIES`); `fn`
+  itself for "none". Inside `nnx.scan` pass prevent_cse=False (the scan already keeps XLA from merging the
+  recomputation with the forward pass, and the barrier would cost speed)."""
+  check_remat(policy, "remat")
+  if policy == "none":
+    return fn
+  chosen = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+  # graph_updates=False (as the models' nnx.scan): the layer may hold variables of an outer trace (generate
+  # merges the model outside its decode loop); only variables that change (LoRA dropout's RNG count) are
+  # written back.
+  return nnx.remat(fn, policy=chosen, prevent_cse=prevent_cse, graph_updates=False)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`n` layers `make(rngs)` as ONE module whose variables carry a leading axis of size n (nnx.vmap over the
+  constructor with the rng streams split n ways, so each layer draws its own initial values): parameters and
+  LoRA adapters. Each variable's logical axes get `sharding.LAYERS` in front (the sharding rules replicate
+  it), so a [in, out] kernel becomes [n, in, out] named (LAYERS, in_axis, out_axis). Run it with `nnx.scan`
+  over axis 0.
+
+  The stacked module owns no RNG streams: its Dropout layers (LoRA dropout) draw from keys passed at call
+  time (`Linear(x, rngs=key)`, split per layer by the model from one stream of its own), since a stream with
+  a [n] key cannot be reseeded by `nnx.reseed` with one scalar key, which is how training seeds dropout."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  def build(rngs):
+    return make(rngs)
+
+  module = build(rngs)
+  for _, node in nnx.iter_graph(module):
+    if isinstance(node, nnx.Dropout):
+      node.rngs = nnx.data(None)
+  left = [".".join(map(str, p)) for p, node in nnx.iter_graph(module) if isinstance(node, nnx.RngStream)]
+  if left:
+    raise ValueError(f"stacked layers must not own RNG streams (nnx.reseed cannot seed them): {left}")
+  return module
+
+
+def split_key(key: jax.Array | None, n: int) -> list:
+  """n keys from `key`, or n Nones (the layers then use their own streams)."""
+  return [None] * n if key is None else list(jax.random.split(key, n))

@@ -8,12 +8,21 @@ q is not pre-scaled: 1/sqrt(head_dim) is applied inside attention (as transforme
 Slots and masks. Every query and key has a *slot*: its index in the key/value sequence attention runs
 over. Without a cache the T inputs sit at slots 0..T-1. With a cache (a fixed buffer of `max_len` slots per
 layer), the T inputs are written at slots cache_index..cache_index+T-1 and attend over the whole buffer.
-A query at slot q may attend the key at slot k iff k <= q and attention_mask[b, k] (1 = valid, 0 = pad).
+A query at slot q may attend the key at slot k iff k <= q and attention_mask[b, k] (1 = valid, 0 = pad)
+(and, for packed rows, segment_ids[b, q] == segment_ids[b, k]).
 `positions` (the rotary position ids) are independent of slots: a left-padded prompt uses
 positions = cumsum(mask) - 1 while its slots stay 0..T-1.
 
 Cache layout (`init_cache`): a list with one dict per layer, {"k": [B, max_len, n_kv, head_dim],
-"v": [B, max_len, n_kv, head_dim]}, keys stored after rotary. `CACHE_AXES` gives their logical axes.
+"v": [B, max_len, n_kv, head_dim]}, keys stored after rotary. `CACHE_AXES` gives their logical axes. With
+`scan_layers` it is one dict of the layers' arrays stacked, [num_hidden_layers, B, max_len, n_kv, head_dim]
+(`cache_axes(cfg)`); callers pass it around as an opaque pytree either way.
+
+Layers (`LlamaConfig.scan_layers`): off, `model.layers` is an `nnx.List` of decoder layers run by a Python
+loop (paths `model.layers.3.mlp.up_proj.kernel`); on, it is one decoder layer whose variables are stacked
+along a leading layer axis (`layers.stacked`: `model.layers.mlp.up_proj.kernel` [L, in, out], logical axis
+`sharding.LAYERS`) run by `nnx.scan`, so XLA compiles one layer instead of L and keeps one layer's gathered
+weights alive at a time. Same numbers either way. `remat` rematerialises each layer's call in both forms.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from flax import nnx
 
 from musilingo_jax.convert.rules import LINEAR, ConversionError, KeyRule, ModelKind
 from musilingo_jax.models import layers
-from musilingo_jax.sharding import constrain
+from musilingo_jax.sharding import LAYERS, constrain
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,10 @@ class LlamaConfig:
   # Activation sharding (sharding.Activations: mesh + logical rules) for the hidden states; None = none.
   # Static in the model's graph, so jit caches by it; not in repr (the demo's records key on the repr).
   activations: Any = dataclasses.field(default=None, repr=False)
+  # Stacked layers run by nnx.scan (see the module docstring) and each layer's rematerialisation policy
+  # (layers.REMAT_POLICIES). How the model runs, not what it computes: not in repr.
+  scan_layers: bool = dataclasses.field(default=False, repr=False)
+  remat: str = dataclasses.field(default="none", repr=False)
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -91,6 +104,8 @@ class LlamaConfig:
                  f"a divisor of num_attention_heads={self.num_attention_heads}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise _err("attention_impl", self.attention_impl, f"one of {ATTENTION_IMPLS}")
+    if self.remat not in layers.REMAT_POLICIES:
+      raise _err("remat", self.remat, f"one of {layers.REMAT_POLICIES}")
     if self.rope_scaling is not None:
       set_("rope_scaling", _freeze_rope_scaling(dict(self.rope_scaling), self.max_position_embeddings))
 
@@ -308,12 +323,13 @@ class Attention(nnx.Module):
     self.v_proj = lin("v_proj", e, kv * d, "embed", "kv_heads")
     self.o_proj = lin("o_proj", h * d, e, "heads", "embed")
 
-  def __call__(self, x, cos, sin, mask, cache, cache_index):
+  def __call__(self, x, cos, sin, mask, cache, cache_index, rngs=None):
     cfg = self.cfg
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
-    k = self.k_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
-    v = self.v_proj(x).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    kq, kk, kv, ko = layers.split_key(rngs, 4)
+    q = self.q_proj(x, rngs=kq).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+    k = self.k_proj(x, rngs=kk).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+    v = self.v_proj(x, rngs=kv).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     new_cache = None
     if cache is not None:  # write the T new keys/values at slots cache_index.., attend over the buffer
@@ -322,7 +338,7 @@ class Attention(nnx.Module):
                    "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
       k, v = new_cache["k"].astype(cfg.dtype), new_cache["v"].astype(cfg.dtype)
     out = self.attention_fn(q, k, v, mask, cfg.attention_impl)  # [B, T, H, D]
-    return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim)), new_cache
+    return self.o_proj(out.reshape(b, t, cfg.num_attention_heads * cfg.head_dim), rngs=ko), new_cache
 
 
 class MLP(nnx.Module):
@@ -336,8 +352,9 @@ class MLP(nnx.Module):
     self.up_proj = lin("up_proj", e, m, "embed", "mlp")
     self.down_proj = lin("down_proj", m, e, "mlp", "embed")
 
-  def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x, rngs=None):
+    kg, ku, kd = layers.split_key(rngs, 3)
+    return self.down_proj(jax.nn.silu(self.gate_proj(x, rngs=kg)) * self.up_proj(x, rngs=ku), rngs=kd)
 
 
 class DecoderLayer(nnx.Module):
@@ -350,20 +367,26 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = norm()
     self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
-  def __call__(self, x, cos, sin, mask, cache, cache_index):
-    h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+  def __call__(self, x, cos, sin, mask, cache, cache_index, rngs=None):
+    """rngs: a key for the LoRA dropout of this layer's Linears (stacked layers own no RNG streams)."""
+    k_attn, k_mlp = layers.split_key(rngs, 2)
+    h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index, k_attn)
     x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), new_cache
+    return x + self.mlp(self.post_attention_layernorm(x), k_mlp), new_cache
 
 
 class LlamaModel(nnx.Module):
-  """HF `LlamaModel` (the `model.` prefix): embeddings, decoder layers, final norm."""
+  """HF `LlamaModel` (the `model.` prefix): embeddings, decoder layers, final norm. `layers` is an nnx.List
+  of DecoderLayer, or with cfg.scan_layers one DecoderLayer stacked along a leading layer axis."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, lora, attention_fn: AttentionFn):
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=cfg.dtype,
                                   param_dtype=cfg.param_dtype)
-    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, lora=lora, attention_fn=attention_fn)
-                            for _ in range(cfg.num_hidden_layers)])
+    make = lambda r: DecoderLayer(cfg, rngs=r, lora=lora, attention_fn=attention_fn)  # noqa: E731
+    if cfg.scan_layers:
+      self.layers = layers.stacked(make, cfg.num_hidden_layers, rngs)
+    else:
+      self.layers = nnx.List([make(rngs) for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
@@ -378,20 +401,29 @@ class Llama(nnx.Module):
     self.lm_head = None if cfg.tie_word_embeddings else layers.Linear(
         cfg.hidden_size, cfg.vocab_size, use_bias=False, in_axis="embed", out_axis="vocab", rngs=rngs,
         dtype=cfg.dtype, param_dtype=cfg.param_dtype)  # no adapter: config.train.lora.target_modules excludes it
+    # Stacked layers own no RNG streams (layers.stacked): their LoRA dropout keys come from this one stream,
+    # split per layer at each call (nnx.reseed seeds it as it seeds the unrolled layers' streams).
+    self.dropout_rngs = nnx.data(None)
+    if cfg.scan_layers and lora is not None and lora.dropout > 0:
+      self.dropout_rngs = rngs["dropout"].fork()
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """[B, T] int -> [B, T, hidden] in the compute dtype (for splicing other embeddings in)."""
     return self.model.embed_tokens(input_ids)
 
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]]:
-    """Zeros: per layer {"k", "v"} of [batch, max_len, num_key_value_heads, head_dim]."""
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> list[dict[str, jax.Array]] | dict[str, jax.Array]:
+    """Zeros: per layer {"k", "v"} of [batch, max_len, num_key_value_heads, head_dim]; with cfg.scan_layers
+    one {"k", "v"} of [num_hidden_layers, batch, max_len, num_key_value_heads, head_dim]."""
     cfg = self.cfg
     shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
     dtype = cfg.dtype if dtype is None else dtype
+    if cfg.scan_layers:
+      shape = (cfg.num_hidden_layers, *shape)
+      return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_hidden_layers)]
 
   def final_hidden(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None,
-                   cache=None, cache_index=None) -> tuple[jax.Array, list | None]:
+                   cache=None, cache_index=None, segment_ids=None) -> tuple[jax.Array, list | dict | None]:
     """The final-norm hidden states [B, T, hidden] (compute dtype) and the new cache; see `__call__`."""
     cfg = self.cfg
     if (input_ids is None) == (inputs_embeds is None):
@@ -402,7 +434,7 @@ class Llama(nnx.Module):
     b, t = x.shape[:2]
     offset = 0 if cache is None else cache_index
     q_slots = offset + jnp.arange(t)  # [T]
-    n_slots = t if cache is None else cache[0]["k"].shape[1]
+    n_slots = t if cache is None else cache_slots(cache)
     if positions is None:
       positions = jnp.broadcast_to(q_slots[None], (b, t))
     mask = (jnp.arange(n_slots)[None, :] <= q_slots[:, None])[None, None]  # [1, 1, T, S] causal
@@ -411,17 +443,63 @@ class Llama(nnx.Module):
         raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} key slots, expected {n_slots} "
                          f"({'the cache length' if cache is not None else 'the input length'})")
       mask = mask & attention_mask.astype(bool)[:, None, None, :]  # [B, 1, T, S]
+    if segment_ids is not None:  # packed rows: a query attends only keys of its own example (block-diagonal)
+      if cache is not None:
+        raise ValueError("segment_ids (packed rows) are for training and scoring, not with a KV cache")
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
     log.info("llama forward traced: attention implementation=%s, dtype=%s, T=%d, S=%d",
              cfg.attention_impl, cfg.dtype.name, t, n_slots)
     cos, sin = rotary_cos_sin(cfg, positions)
-    new_cache = None if cache is None else []
     x = constrain(x, cfg.activations)
-    for i, layer in enumerate(self.model.layers):
-      x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
-      x = constrain(x, cfg.activations)
-      if cache is not None:
-        new_cache.append(layer_cache)
+    if cfg.scan_layers:
+      x, new_cache = self._scan_layers(x, cos, sin, mask, cache, cache_index)
+    else:
+      call = layers.remat(_layer_call, cfg.remat)
+      new_cache = None if cache is None else []
+      for i, layer in enumerate(self.model.layers):
+        x, layer_cache = call(layer, x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+        x = constrain(x, cfg.activations)
+        if cache is not None:
+          new_cache.append(layer_cache)
     return self.model.norm(x), new_cache
+
+  def _scan_layers(self, x, cos, sin, mask, cache, cache_index):
+    """The stacked layers under nnx.scan: the carry is the hidden state (and, decoding, the whole stacked
+    cache, updated in place one layer slice at a time); cos/sin/mask are closed over. The activation
+    sharding applies to each layer's output inside the body, as in the loop. graph_updates=False: the layers
+    may be variables of an outer trace (generate merges the model outside its decode loop); the simple scan
+    writes back only the variables that change (LoRA dropout's RNG counts)."""
+    cfg = self.cfg
+    call = layers.remat(_layer_call, cfg.remat, prevent_cse=False)
+    keys = self._layer_dropout_keys()  # [L] keys, or None without active dropout
+    if cache is None:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, graph_updates=False)
+      def run(h, layer, key):
+        h, _ = call(layer, h, cos, sin, mask, None, None, key)
+        return constrain(h, cfg.activations)
+      return run(x, self.model.layers, keys), None
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=nnx.Carry, graph_updates=False)
+    def run_cached(carry, layer, i, key):
+      h, k_all, v_all = carry
+      layer_cache = {"k": k_all[i], "v": v_all[i]}
+      h, new = call(layer, h, cos, sin, mask, layer_cache, cache_index, key)
+      k_all = jax.lax.dynamic_update_index_in_dim(k_all, new["k"], i, 0)
+      v_all = jax.lax.dynamic_update_index_in_dim(v_all, new["v"], i, 0)
+      return constrain(h, cfg.activations), k_all, v_all
+
+    index = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    x, k_all, v_all = run_cached((x, cache["k"], cache["v"]), self.model.layers, index, keys)
+    return x, {"k": k_all, "v": v_all}
+
+  def _layer_dropout_keys(self) -> jax.Array | None:
+    """One LoRA dropout key per stacked layer, drawn from `dropout_rngs`, when some dropout is active
+    (training mode, rate > 0); None otherwise (nothing is drawn, so eval and decoding mutate no state)."""
+    if self.dropout_rngs is None:
+      return None
+    active = any(isinstance(node, nnx.Dropout) and node.rate > 0 and not node.deterministic
+                 for _, node in nnx.iter_graph(self.model.layers))
+    return jax.random.split(self.dropout_rngs(), self.cfg.num_hidden_layers) if active else None
 
   def lm_logits(self, h: jax.Array) -> jax.Array:
     """Hidden [B, T, hidden] -> float32 logits [B, T, vocab]."""
@@ -429,17 +507,36 @@ class Llama(nnx.Module):
     return out.astype(jnp.float32)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-               cache_index=None) -> tuple[jax.Array, list | None]:
+               cache_index=None, segment_ids=None) -> tuple[jax.Array, list | dict | None]:
     """Causal LM forward. Returns (logits [B, T, vocab] float32, new cache or None).
 
     input_ids [B, T] int | inputs_embeds [B, T, hidden] (exactly one). attention_mask [B, S] (1 valid, 0 pad)
     over the key slots: S = T without a cache, the cache length with one. positions [B, T] int rotary ids
     (default: the slots). cache (from `init_cache`) with cache_index (int or traced scalar): the inputs are
-    written at slots cache_index..cache_index+T-1 (prefill or decode, same code).
+    written at slots cache_index..cache_index+T-1 (prefill or decode, same code). segment_ids [B, T] int
+    (packed rows, no cache): a query attends only keys with its own segment id (with positions restarting
+    at 0 per segment, each example computes exactly what it computes alone).
     """
     h, new_cache = self.final_hidden(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                     positions=positions, cache=cache, cache_index=cache_index)
+                                     positions=positions, cache=cache, cache_index=cache_index,
+                                     segment_ids=segment_ids)
     return self.lm_logits(h), new_cache
+
+
+def _layer_call(layer: DecoderLayer, x, cos, sin, mask, cache, cache_index, rngs=None):
+  """One decoder layer's call as a function of the layer (what layers.remat wraps)."""
+  return layer(x, cos, sin, mask, cache, cache_index, rngs)
+
+
+def cache_slots(cache) -> int:
+  """The key/value slots of a cache from `init_cache` (either layout)."""
+  k = cache["k"] if isinstance(cache, dict) else cache[0]["k"]
+  return k.shape[-3]
+
+
+def cache_axes(cfg: LlamaConfig) -> tuple[str | None, ...]:
+  """Logical axes of each cache array: CACHE_AXES, behind the layer axis when the layers are scanned."""
+  return ((LAYERS,) + CACHE_AXES) if cfg.scan_layers else CACHE_AXES
 
 
 # ---- HF conversion --------------------------------------------------------------------------------

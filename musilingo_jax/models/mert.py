@@ -15,6 +15,11 @@ Parameter paths mirror the HF keys (see docs/DESIGN.md); `HF_KEY_RULES` is the c
 positional conv keeps its weight-norm pair (`weight_g` [1, 1, k], `weight_v` [out, in/groups, k]) in
 torch layout, so both checkpoint spellings load with the identity transform.
 
+Layers (`MERTConfig.scan_layers`): off, `encoder.layers` is an `nnx.List` run by a Python loop (paths
+`encoder.layers.3.attention.q_proj.kernel`); on, one encoder layer with its variables stacked along a leading
+layer axis (`layers.stacked`, paths `encoder.layers.attention.q_proj.kernel` [L, in, out]) run by `nnx.scan`,
+whose per-layer outputs are the hidden states. Same numbers either way; `remat` applies per layer in both.
+
 Not implemented (training-time only, and the MERT encoder is frozen): dropout, attention dropout and
 LayerDrop. SpecAugment time masking is an option (`spec_augment`), active only in training mode.
 """
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from musilingo_jax.convert.rules import CONV1D, IDENTITY, LINEAR, ConversionError, KeyRule, ModelKind
+from musilingo_jax.models import layers as layers_lib
 from musilingo_jax.models.layers import LayerNorm, Linear, param
 from musilingo_jax.sharding import constrain
 
@@ -64,6 +70,10 @@ class MERTConfig:
   activations: Any = dataclasses.field(default=None, repr=False)
   dtype: Any = jnp.float32  # compute dtype; norms and softmax run in f32 regardless
   param_dtype: Any = jnp.float32
+  # Stacked layers run by nnx.scan, and each layer's rematerialisation policy (layers.REMAT_POLICIES). How the
+  # model runs, not what it computes: not in repr (the demo's records key on the repr).
+  scan_layers: bool = dataclasses.field(default=False, repr=False)
+  remat: str = dataclasses.field(default="none", repr=False)
 
   def __post_init__(self):
     n = len(self.conv_dim)
@@ -78,6 +88,7 @@ class MERTConfig:
                        f"{self.num_conv_pos_embedding_groups}")
     if self.feat_extract_norm not in ("group", "layer"):
       raise ValueError(f"feat_extract_norm must be 'group' or 'layer', got {self.feat_extract_norm!r}")
+    layers_lib.check_remat(self.remat, "MERTConfig")
 
   @property
   def head_dim(self) -> int:
@@ -397,14 +408,23 @@ class EncoderLayer(nnx.Module):
     return self.final_layer_norm(x + self.feed_forward(x))
 
 
+def _layer_call(layer: EncoderLayer, x: jax.Array, frame_lengths: jax.Array | None) -> jax.Array:
+  """One encoder layer's call as a function of the layer (what layers.remat wraps)."""
+  return layer(x, frame_lengths)
+
+
 class Encoder(nnx.Module):
   def __init__(self, cfg: MERTConfig, *, rngs: nnx.Rngs):
     self.pre_ln = cfg.do_stable_layer_norm
     self.pos_conv_embed = PositionalConvEmbedding(cfg, rngs=rngs)
     self.layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, axis_name="embed", dtype=cfg.dtype,
                                 param_dtype=cfg.param_dtype)
-    self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    if cfg.scan_layers:
+      self.layers = layers_lib.stacked(lambda r: EncoderLayer(cfg, rngs=r), cfg.num_hidden_layers, rngs)
+    else:
+      self.layers = nnx.List([EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
     self.activations = cfg.activations
+    self.scan_layers, self.remat = cfg.scan_layers, cfg.remat
 
   def __call__(self, x: jax.Array, frame_mask: jax.Array | None) -> list[jax.Array]:
     frame_lengths = None
@@ -415,9 +435,21 @@ class Encoder(nnx.Module):
     if not self.pre_ln:
       x = self.layer_norm(x)
     states = [x]
-    for layer in self.layers:
-      x = constrain(layer(x, frame_lengths), self.activations)
-      states.append(x)
+    if self.scan_layers:
+      call, act = layers_lib.remat(_layer_call, self.remat, prevent_cse=False), self.activations
+
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), graph_updates=False)
+      def run(h, layer):
+        h = constrain(call(layer, h, frame_lengths), act)
+        return h, h
+
+      x, outs = run(x, self.layers)  # outs [L, B, T, D]: every layer's output
+      states += [outs[i] for i in range(outs.shape[0])]
+    else:
+      call = layers_lib.remat(_layer_call, self.remat)
+      for layer in self.layers:
+        x = constrain(call(layer, x, frame_lengths), self.activations)
+        states.append(x)
     if self.pre_ln:
       states[-1] = self.layer_norm(x)
     return states

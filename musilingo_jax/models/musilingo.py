@@ -109,13 +109,16 @@ class FeatureStat(nnx.Variable):
 class FeatureNorm(nnx.Module):
   """x -> (x - mean) * inv_std, per feature dimension."""
 
-  def __init__(self, mean, std, eps: float = 1e-6):
-    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-    if mean.ndim != 1 or mean.shape != std.shape:
+  def __init__(self, mean, std, eps: float = 1e-6, *, inv_std=None):
+    mean = jnp.asarray(mean, jnp.float32)
+    # inv_std: the reciprocals as stored by a run (exact), instead of recomputing them from std.
+    inv = jnp.asarray(inv_std, jnp.float32) if inv_std is not None else 1.0 / jnp.maximum(
+        jnp.asarray(std, jnp.float32), eps)
+    if mean.ndim != 1 or mean.shape != inv.shape:
       raise ValueError(f"feature statistics must be two vectors of the same length, got {mean.shape} and "
-                       f"{std.shape}")
+                       f"{inv.shape}")
     self.mean = FeatureStat(mean)
-    self.inv_std = FeatureStat(1.0 / jnp.maximum(std, eps))
+    self.inv_std = FeatureStat(inv)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return (x - self.mean[...]) * self.inv_std[...]
@@ -149,14 +152,15 @@ class MusiLingo(nnx.Module):
     projection = layers.torch_linear(cfg.encoder.hidden_size, cfg.llm.hidden_size, rngs=rngs)
     return cls(encoder, llm, projection, pool_frames=cfg.pool_frames)
 
-  def set_feature_norm(self, mean, std) -> None:
-    """Standardise the projection's input with these per-dimension statistics (None, None: off)."""
+  def set_feature_norm(self, mean, std, *, inv_std=None) -> None:
+    """Standardise the projection's input with these per-dimension statistics (None, None: off); inv_std: the
+    exact reciprocals (a run folder's feature_stats.json) instead of 1 / std."""
     if mean is None:
       self.feature_norm = nnx.data(None)
       return
     if len(mean) != self.cfg.encoder.hidden_size:
       raise ValueError(f"feature statistics have {len(mean)} dimensions, the encoder {self.cfg.encoder.hidden_size}")
-    self.feature_norm = nnx.data(FeatureNorm(mean, std))
+    self.feature_norm = nnx.data(FeatureNorm(mean, std, inv_std=inv_std))
 
   def projection_weights(self) -> tuple[jax.Array, jax.Array]:
     """(kernel [D_enc, D_llm], bias [D_llm]) of the plain Linear on raw features that equals
@@ -171,24 +175,39 @@ class MusiLingo(nnx.Module):
     """Pooled encoder features [B, T', D_enc]: precomputed, or computed here with no backward pass."""
     if "features" in batch:
       return batch["features"].astype(jnp.float32)
-    feats = pooled_features(self.encoder, batch["audio"], self.cfg.pool_frames, batch.get("audio_len"),
-                            batch.get("audio_pad_len"))
+    audio, audio_len, pad_len = batch["audio"], batch.get("audio_len"), batch.get("audio_pad_len")
+    if audio.ndim == 3:  # packed rows: [B, K, S] clips, one per example slot; encoded as B * K clips
+      b, k = audio.shape[:2]
+      flat = lambda x: None if x is None else x.reshape((b * k,) + x.shape[2:])  # noqa: E731
+      feats = pooled_features(self.encoder, flat(audio), self.cfg.pool_frames, flat(audio_len), flat(pad_len))
+      return jax.lax.stop_gradient(feats.reshape((b, k) + feats.shape[1:]))
+    feats = pooled_features(self.encoder, audio, self.cfg.pool_frames, audio_len, pad_len)
     return jax.lax.stop_gradient(feats)
 
   def audio_embeddings(self, batch: dict) -> jax.Array:
     feats = self.audio_features(batch)
     if self.feature_norm is not None:
       feats = self.feature_norm(feats)
-    return self.llama_proj(feats)  # [B, T', D_llm], float32
+    return self.llama_proj(feats)  # [B, T', D_llm] ([B, K, T', D_llm] for packed rows), float32
 
   def input_embeddings(self, batch: dict) -> jax.Array:
+    """Token embeddings [B, L, D_llm] with the audio tokens spliced in. Packed rows (audio_start [B, K]) splice
+    each example slot's clip at its own offset; a slot with audio_tokens 0 changes nothing."""
     embeds = self.llm.embed(batch["input_ids"])  # [B, L, D_llm]
-    return splice(embeds, self.audio_embeddings(batch), batch["audio_start"], batch.get("audio_tokens"))
+    audio, start, n = self.audio_embeddings(batch), batch["audio_start"], batch.get("audio_tokens")
+    if start.ndim == 1:
+      return splice(embeds, audio, start, n)
+    for k in range(start.shape[1]):
+      embeds = splice(embeds, audio[:, k], start[:, k], None if n is None else n[:, k])
+    return embeds
+
+  def _llm_kwargs(self, batch: dict) -> dict:
+    return dict(attention_mask=batch["attention_mask"], positions=batch["positions"],
+                segment_ids=batch.get("segment_ids"))
 
   def __call__(self, batch: dict) -> jax.Array:
     """Logits [B, L, vocab] (float32) of the spliced sequence."""
-    logits, _ = self.llm(inputs_embeds=self.input_embeddings(batch),
-                         attention_mask=batch["attention_mask"], positions=batch["positions"])
+    logits, _ = self.llm(inputs_embeds=self.input_embeddings(batch), **self._llm_kwargs(batch))
     return logits
 
   def loss(self, batch: dict, *, loss_positions: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -201,8 +220,7 @@ class MusiLingo(nnx.Module):
     """
     if loss_positions is None or loss_positions >= batch["labels"].shape[1] - 1:
       return causal_lm_loss(self(batch), batch["labels"])
-    h, _ = self.llm.final_hidden(inputs_embeds=self.input_embeddings(batch),
-                                 attention_mask=batch["attention_mask"], positions=batch["positions"])
+    h, _ = self.llm.final_hidden(inputs_embeds=self.input_embeddings(batch), **self._llm_kwargs(batch))
     targets = batch["labels"][:, 1:]
     valid = targets != -100
     # Label positions first, in order (a stable sort of the "not a label" flag), then the first K.
