@@ -39,7 +39,7 @@ from musilingo_jax.main import cli
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  cli.add_model_source(ap, dtypes=cli.DTYPES + ("float16",), dtype_help=(
+  cli.add_model_source(ap, dtypes=("bfloat16", "float32", "float16"), dtype_help=(
       "dtype the frozen weights load in and OUT/llm, OUT/encoder are written in (default %(default)s; float16: "
       "loaded in float32, written in float16); musilingo_checkpoint.pth is always float32"))
   ap.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default latest)")

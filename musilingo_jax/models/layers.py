@@ -78,11 +78,14 @@ class Linear(nnx.Module):
       self.lora_dropout = nnx.Dropout(lora.dropout, rngs=rngs)
     else:
       self.lora_a = self.lora_b = self.lora_dropout = None
+    self.quant_scale = nnx.data(None)  # int8 inference (musilingo_jax/quantize.py): per-output-channel scales
 
   def __call__(self, x: jax.Array, *, rngs: jax.Array | None = None) -> jax.Array:
     """rngs: a key for the LoRA dropout mask instead of the layer's own stream (stacked layers own none)."""
     x = x.astype(self.dtype)
     y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.quant_scale is not None:  # int8 kernel: dequantise the output (the scale is per output channel)
+      y = y * self.quant_scale[...].astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:
@@ -93,6 +96,8 @@ class Linear(nnx.Module):
 
   def merged_kernel(self) -> jax.Array:
     """kernel + A B * scale (in f32, cast back to the kernel's dtype): what export writes."""
+    if self.quant_scale is not None:
+      raise ValueError("an int8-quantized Linear is for inference only: export the float model")
     k = self.kernel[...]
     if self.lora is None:
       return k

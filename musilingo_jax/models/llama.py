@@ -288,12 +288,19 @@ class Embedding(nnx.Module):
   def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
     self.dtype = dtype
     self.weight = layers.param(rngs, layers.default_kernel_init, (num, dim), ("vocab", "embed"), param_dtype)
+    self.quant_scale = nnx.data(None)  # int8 inference (musilingo_jax/quantize.py): one scale per vocab row
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+    x = jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+    if self.quant_scale is not None:
+      x = x * jnp.take(self.quant_scale[...], ids, axis=0)[..., None].astype(self.dtype)
+    return x
 
   def attend(self, h: jax.Array) -> jax.Array:
-    return jnp.dot(h.astype(self.dtype), self.weight[...].astype(self.dtype).T)  # [B, T, vocab]
+    y = jnp.dot(h.astype(self.dtype), self.weight[...].astype(self.dtype).T)  # [B, T, vocab]
+    if self.quant_scale is not None:
+      y = y * self.quant_scale[...].astype(self.dtype)
+    return y
 
 
 class RMSNorm(nnx.Module):
