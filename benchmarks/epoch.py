@@ -230,7 +230,8 @@ def write_markdown(results: dict, path) -> None:
              f"{r['ref_padding']:.0%} / {r['ours_padding']:.0%} | {r['label_tokens_per_s_ref']:.1f} | "
              f"{r['label_tokens_per_s_ours']:.1f} | {r['speedup']:.2f}x | {r['speedup_with_precompute']:.2f}x | "
              f"{r['encoder_s_per_clip']:.3f} | {r['torch_threads']} |")
-  L += [""] + [f"- **{r['shape']}**: {r['note']}." for r in results["epoch"]]
+  L += [""] + [f"- **{r['shape']}**: {r['note'].split('; batch')[0]}; reference micro-batches of {r['ref_rows']} "
+               f"examples, answers up to {MAX_ANSWER} tokens." for r in results["epoch"]]
   Path(path).write_text("\n".join(L) + "\n")
 
 

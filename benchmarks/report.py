@@ -221,6 +221,14 @@ def write_markdown(results: dict, path: Path) -> None:
   if results.get("multihost"):
     m = results["multihost"]
     L += ["", "## Multi-host proof", "", f"`{m['command']}`: {'passed' if m['passed'] else 'FAILED'} in {m['s']:.0f} s."]
+  extra = [(name, what) for name, what in (
+      ("EPOCH.md", "epoch throughput on a length mix: the reference recipe vs ours (packed rows, precomputed "
+                   "features, head at labels); `python -m benchmarks.epoch`"),
+      ("DECODE_DTYPES.md", "decode at batch 1 in float32 / bfloat16 / int8 against the measured read-bandwidth "
+                           "bound, and greedy agreement; `python -m benchmarks.decode_dtypes`"))
+      if (path.parent / name).is_file()]
+  if extra:
+    L += ["", "## Separate runs", ""] + [f"- [{n}]({n}): {w}." for n, w in extra]
   if results.get("findings"):
     L += ["", "## Findings", ""] + [f"- {x}" for x in results["findings"]]
   if results.get("plot"):
