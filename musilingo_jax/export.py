@@ -102,10 +102,6 @@ def _lora_of(llm):
   return None
 
 
-def has_lora(model) -> bool:
-  return _lora_of(model.llm) is not None
-
-
 def _encoder_preprocessor(normalize: bool) -> dict[str, Any]:
   """MERT's feature extractor settings (transformers' Wav2Vec2FeatureExtractor) for OUT/encoder."""
   return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": 24000,

@@ -33,6 +33,7 @@ from musilingo_jax.convert.hf import load_hf_tensors
 from musilingo_jax.convert.rules import rule_for_ours
 from musilingo_jax.convert.state import flat_params
 from musilingo_jax.models import llama, mert
+from musilingo_jax.torch_inference import pooled_features
 
 BOS, PAD = 1, 2  # LLaMA's ids (pad = eos, as the reference's tokenizer)
 
@@ -205,18 +206,9 @@ def pad_clips(clips) -> tuple[np.ndarray, np.ndarray]:
 
 def encode_audio(hub, audio, pool: int, attention_mask=None) -> torch.Tensor:
   """Raw audio [B, S] -> pooled features [B, ceil(T / pool), D]: mean over all hidden states, then over
-  windows of `pool` frames (padded frames included; a leftover window is one more token)."""
-  mask = None if attention_mask is None else torch.as_tensor(attention_mask)
-  out = hub(torch.as_tensor(audio), attention_mask=mask, output_hidden_states=True)
-  # transformers 5 returns the pre-LayerNorm last state in hidden_states on the pre-LN path; the reference
-  # (transformers 4 / MERT's code) averages the normed one, which is last_hidden_state.
-  states = list(out.hidden_states[:-1]) + [out.last_hidden_state]
-  h = torch.stack(states).transpose(0, 1).mean(-3)  # [B, T, D]
-  B, T, D = h.shape
-  avg = h[:, :T // pool * pool].reshape(B, T // pool, pool, D).mean(2)
-  if T % pool:
-    avg = torch.cat([avg, h[:, T // pool * pool:].reshape(B, 1, T % pool, D).mean(2)], dim=1)
-  return avg
+  windows of `pool` frames (padded frames included; a leftover window is one more token). The product's
+  PyTorch path (torch_inference.pooled_features) is the reference's encode_audio: one implementation."""
+  return pooled_features(hub, audio, pool, attention_mask)
 
 
 def _pad(seqs, pad):
