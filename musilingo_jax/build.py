@@ -2,9 +2,10 @@
 LoRA adapters initialised), its tokenizer, and the data (train iterator, eval batches, generation sample).
 
 Frozen weights come from, in order: `config.model.checkpoint` (a scripts/convert_hf.py directory), or
-`config.model.llm_gguf` (an LLM straight from a GGUF; the demo's SmolLM2) with a randomly initialised encoder
-of `config.model.encoder_preset`, or random presets (tests, AOT compilation). `frozen_ref` records which,
-so checkpoints reference the frozen weights instead of copying them.
+`config.model.llm_gguf` (an LLM straight from a GGUF; the demo's SmolLM2) with the encoder of
+`config.model.encoder_init` (`init_encoder`: randomly initialised `config.model.encoder_preset`, the demo's
+MERT-style pretrained encoder, or a pretrained encoder's directory), or random presets (tests, AOT
+compilation). `frozen_ref` records which, so checkpoints reference the frozen weights instead of copying them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from musilingo_jax.models import layers, llama, mert
 from musilingo_jax.models.llama import Llama, LlamaConfig
 from musilingo_jax.models.mert import MERT, MERTConfig
 from musilingo_jax.models.musilingo import MusiLingo, MusiLingoConfig
+from musilingo_jax.pretrain import demo as pretrain_demo
 
 
 def encoder_config(preset: str, **overrides) -> MERTConfig:
@@ -139,9 +141,9 @@ def build_model(c, *, mesh=None, rules=None, abstract: bool = False, activations
                        f"{'encoder' if enc is None else 'LLM'}: convert both with scripts/convert_hf.py")
     frozen_ref = {"checkpoint": _absolute(c.model.checkpoint)}
   else:
-    enc = init_random(MERT, preset_encoder_config(c, activations=activations), c.seed, mesh, rules)
+    enc, enc_ref = init_encoder(c, mesh=mesh, rules=rules, activations=activations)
     tok = None
-    frozen_ref = {"encoder": f"random {c.model.encoder_preset} (seed {c.seed})"}
+    frozen_ref = {"encoder": enc_ref}
     if c.model.llm_gguf and not c.model.get("smoke_llm", False):
       path = gguf_path(c)
       llm, _ = import_pretrained(llama.HF_KIND, path, mesh=mesh, sharding_rules=rules, lora=lora,
@@ -161,6 +163,38 @@ def build_model(c, *, mesh=None, rules=None, abstract: bool = False, activations
     return layers.torch_linear(enc.cfg.hidden_size, llm.cfg.hidden_size, rngs=nnx.Rngs(params=c.seed))
   proj = nnx.eval_shape(projection) if abstract else projection()
   return MusiLingo(enc, llm, proj, pool_frames=c.model.pool_frames), tok, frozen_ref
+
+
+def init_encoder(c, *, mesh=None, rules=None, activations=None) -> tuple[MERT, str]:
+  """The encoder of a config without config.model.checkpoint, by config.model.encoder_init -> (encoder, what
+  frozen_ref records): "random" initialises encoder_preset from config.seed; "pretrain_demo" loads the demo's
+  MERT-style pretrained encoder (pretrain/demo.py: pretrained on first use, then cached, keyed by its
+  settings; inference rebuilds the same one); a directory loads the encoder saved there
+  (scripts/pretrain_encoder.py's WORKDIR/encoder). The config's model overrides (dtypes, attention, scan,
+  remat, spec_augment, activation sharding) apply as for every source."""
+  init = c.model.get("encoder_init", "random")
+  if init == "random":
+    enc = init_random(MERT, preset_encoder_config(c, activations=activations), c.seed, mesh, rules)
+    return enc, f"random {c.model.encoder_preset} (seed {c.seed})"
+  path = os.fspath(pretrain_demo.demo_encoder_dir(c)) if init == "pretrain_demo" else init
+  enc_overrides, _ = model_overrides(c, activations)
+  (enc,), _ = load_converted(path, (mert.HF_KIND,), mesh=mesh, sharding_rules=rules,
+                             config_overrides={"encoder": enc_overrides})
+  if enc is None:
+    raise ValueError(f"config.model.encoder_init = {init!r}: {path} holds no encoder (params/encoder)")
+  return enc, f"pretrained {_absolute(path)} (config.model.encoder_init = {init!r})"
+
+
+def encoder_init_key(c) -> str | None:
+  """What identifies config.model.encoder_init's encoder in cache keys (demo_dirs); None for "random"."""
+  init = c.model.get("encoder_init", "random")
+  if init == "random" or c.model.checkpoint:
+    return None
+  if init == "pretrain_demo":
+    return f"pretrain_demo {pretrain_demo.demo_workdir(c).name}"
+  meta = storage.path(init) / "meta.json"
+  stamp = meta.stat().mtime if meta.exists() else ""
+  return f"{_absolute(init)} {stamp}"
 
 
 def _absolute(p) -> str:
@@ -388,6 +422,18 @@ def prompt_config(c) -> prompts.PromptConfig:
                               max_txt_len=c.prompt.max_txt_len)
 
 
+def audio_normalize(c) -> bool:
+  """Whether the run's encoder heard its clips standardised by MERT's feature extractor (do_normalize): the
+  MusicInstruct / MusicCaps loaders pass clips through it, with the MERT checkpoint's setting (a random encoder:
+  transformers' default, true). Inference on new audio (generate, serve, export's musilingo_config.json) applies
+  the same. A checkpoint without preprocessor_config.json: false (such a run trained on precomputed features
+  whose scripts/precompute.py run named its do_normalize)."""
+  try:
+    return audio_lib.extractor_do_normalize(c.model.get("checkpoint") or None, c.data.get("dataset", ""))
+  except ValueError:
+    return False
+
+
 def demo_dirs(c, model: MusiLingo):
   """(demo audio set dir, its precomputed-records dir keyed by everything the features depend on).
 
@@ -397,10 +443,13 @@ def demo_dirs(c, model: MusiLingo):
   remote = storage.is_remote(demo_dir)
   base = Path(demo_dir) if demo_dir and not remote else assets.cache_dir() / "demo"
   pieces = tuple(c.data.demo_pieces)
-  name = f"set-{pieces[0]}x{pieces[1]}-{c.data.demo_clips_per_piece}-{c.data.demo_clip_seconds:g}s"
+  name = demo.set_dir_name(pieces, c.data.demo_clips_per_piece, c.data.demo_clip_seconds)
   data_dir = base / name
-  key = json.dumps([repr(model.cfg.encoder), c.seed, c.model.pool_frames, c.model.encoder_preset,
-                    c.model.checkpoint], sort_keys=True)
+  parts = [repr(model.cfg.encoder), c.seed, c.model.pool_frames, c.model.encoder_preset, c.model.checkpoint]
+  init = encoder_init_key(c)
+  if init is not None:  # a pretrained encoder's features differ from the random one's of the same config
+    parts.append(init)
+  key = json.dumps(parts, sort_keys=True)
   records_name = "records-" + hashlib.sha1(key.encode()).hexdigest()[:12]
   rec_dir = (storage.path(demo_dir) / name / records_name) if remote else data_dir / records_name
   return data_dir, rec_dir
@@ -495,14 +544,7 @@ class Data:
     self.eval_files = records.shard_files(records_dir, c.data.eval_split)
     if not self.train_files:
       raise ValueError(f"config.data.records_dir = {records_dir!r}: no {c.data.train_split} shards")
-    rows = c.train.batch_size * c.train.accum_steps
-    if rows % jax.process_count():
-      raise ValueError(f"config.train.batch_size * accum_steps = {rows} does not split over "
-                       f"{jax.process_count()} processes")
-    if c.train.batch_size % jax.process_count():
-      raise ValueError(f"config.train.batch_size = {c.train.batch_size} (one micro-batch) does not split over "
-                       f"{jax.process_count()} processes")
-    self.rows_per_process = rows // jax.process_count()
+    self.rows_per_process = pipeline.rows_per_process(c.train.batch_size, c.train.accum_steps, jax.process_count())
     self.encoder_cfg = encoder_cfg
     self.slots = audio_slots(c, encoder_cfg, records_dir)
     self.pad_id = pad_id(c, tokenizer)

@@ -31,6 +31,9 @@ REFERENCE_SCHEDULES = {
 }
 
 ENCODER_PRESETS = ("mert_v1_330m", "mert_v1_95m", "demo", "tiny")
+TASKS = ("musilingo", "mert_pretrain")
+ENCODER_INITS = ("random", "pretrain_demo")  # or a pretrained encoder's directory
+PRETRAIN_FEATURES = ("logmel", "mfcc", "chroma")
 LLM_PRESETS = ("vicuna_7b", "tiny")
 
 
@@ -38,6 +41,9 @@ def base_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 42
   c.stage = 2  # 1 = captions with no template (LP-MusicCaps-MSD), 2 = instruction data
+  # What trainer.run trains: "musilingo" (the projection, LoRA...) or "mert_pretrain" (MERT-style
+  # self-supervised pretraining of the encoder alone: configs/mert_pretrain.py, the `pretrain` section).
+  c.task = "musilingo"
 
   c.model = ConfigDict()
   c.model.checkpoint = ""         # a directory written by scripts/convert_hf.py (frozen MERT + LLM + tokenizer)
@@ -59,6 +65,11 @@ def base_config() -> ConfigDict:
   # "" (the reference) or "train_stats": standardise the projection's input per dimension with the training
   # split's feature statistics (records.feature_stats; needs precomputed features). Export folds it in.
   c.model.feature_norm = ""
+  # The encoder when config.model.checkpoint is empty: "random" (encoder_preset initialised from the seed),
+  # "pretrain_demo" (the demo's MERT-style pretrained encoder: configs/mert_pretrain.py:demo, pretrained on
+  # first use and cached under $MUSILINGO_CACHE/mert_pretrain, keyed by its settings), or the directory of a
+  # pretrained encoder (scripts/pretrain_encoder.py writes WORKDIR/encoder).
+  c.model.encoder_init = "random"
 
   c.data = ConfigDict()
   c.data.dataset = "musicqa"      # lp-musiccaps-msd | musicqa | musicinstruct | musiccaps | demo
@@ -133,6 +144,7 @@ def base_config() -> ConfigDict:
   c.keep = 3
   c.keep_best = True
   c.compilation_cache = ""        # a directory for JAX's persistent compilation cache ("" = off)
+  c.eval_at_start = False         # also evaluate before the first step (a baseline: the step-0 eval row)
 
   # Where metrics go besides WORKDIR/tb (TensorBoard) and WORKDIR/metrics.jsonl (process 0 writes all).
   c.log = ConfigDict()
@@ -153,6 +165,51 @@ def apply_schedule(c: ConfigDict, name: str) -> None:
   c.train.init_lr, c.train.min_lr, c.train.warmup_lr = init, lo, warm
   c.train.warmup_steps, c.train.iters_per_epoch, c.train.epochs = wsteps, ipe, epochs
   c.train.batch_size, c.train.accum_steps = batch, accum
+
+
+def add_pretrain_section(c: ConfigDict) -> ConfigDict:
+  """The `pretrain` section of config.task = "mert_pretrain" (configs/mert_pretrain.py; docs/pretraining.md):
+  where the clips come from, the acoustic targets, the masking and the loss, the linear probe."""
+  p = c.pretrain = ConfigDict()
+  # Clips: "demo" (unlabeled music21 renderings of the demo's training pieces, built in the cache; the demo
+  # set's test pieces are never rendered), a folder of .wav files, or "records:<dir>" (the audio of
+  # scripts/precompute.py records of split source_split).
+  p.source = "demo"
+  p.source_split = "train"
+  p.targets_dir = ""              # the prepared targets; "" = $MUSILINGO_CACHE/mert_pretrain/targets-<settings>
+  p.features = ("logmel", "chroma")  # one k-means codebook per feature: logmel | mfcc | chroma
+  p.codebook_size = 100           # codes per codebook
+  p.kmeans_frames = 50_000        # frames per codebook the k-means is fitted on
+  p.kmeans_iters = 25
+  p.kmeans_clips = 200            # clips sampled for the k-means fit and the feature statistics
+  p.n_mels = 64
+  p.cqt_bins = 84                 # MERT: 336 (48 per octave)
+  p.cqt_bins_per_octave = 12
+  p.valid_fraction = 0.05         # clips held out for the eval loss
+  p.crop_seconds = 5.0            # training crop (MERT: 5 s)
+  p.mask_prob = 0.8               # span masking (MERT: 0.8 and 5 frames)
+  p.mask_length = 5
+  p.mask_min = 2
+  p.final_dim = 64
+  p.logit_temp = 0.1
+  p.cqt_weight = 1.0              # MERT's loss_weights: [10 (feature penalty), 1 (CQT)]
+  p.feature_pen_weight = 10.0
+  p.feature_grad_mult = 0.1       # gradient scale into the conv feature extractor (0 = frozen)
+  p.nomask_weight = 0.0           # HuBERT's pred_nomask_weight: the losses on the unmasked frames too, times this
+  # The QA demo set this pretraining serves ("demo" or "smoke": the set of configs/finetune.py's preset, built
+  # in the cache): source "demo" renders its training pieces only (its test pieces never), and the probe
+  # scores on it.
+  p.demo_set = "demo"
+  # source = "demo": training pieces, renderings per piece, seconds per rendering.
+  p.demo_pieces = 48
+  p.demo_clips_per_piece = 8
+  p.demo_clip_seconds = 6.0
+  # Linear probe (instrument, key, tempo class; pretrain/probe.py) on demo_set at every eval, on each clip's
+  # first probe_seconds.
+  p.probe = True
+  p.probe_seconds = 4.0
+  p.export_hf = True              # also write WORKDIR/encoder_hf, a transformers HubertModel directory
+  return c
 
 
 def packs_rows(c: ConfigDict) -> bool:
@@ -200,7 +257,10 @@ def _choice(value, field, choices):
 
 
 # Config fields that name local files or directories (gs:// URLs, "" and the name "smollm2" stay as they are).
-PATH_FIELDS = ("model.checkpoint", "model.llm_gguf", "data.records_dir", "data.demo_dir", "compilation_cache")
+PATH_FIELDS = ("model.checkpoint", "model.llm_gguf", "data.records_dir", "data.demo_dir", "compilation_cache",
+               "model.encoder_init", "pretrain.targets_dir")
+# Values of those fields that are names, not paths.
+_NAMED_VALUES = {"model.llm_gguf": ("smollm2",), "model.encoder_init": ENCODER_INITS}
 
 
 def absolute_paths(c: ConfigDict) -> ConfigDict:
@@ -213,8 +273,7 @@ def absolute_paths(c: ConfigDict) -> ConfigDict:
     for p in parents:
       node = node.get(p) if node is not None else None
     value = node.get(name) if node is not None else None
-    if isinstance(value, str) and value and "://" not in value and not (field == "model.llm_gguf"
-                                                                          and value == "smollm2"):
+    if isinstance(value, str) and value and "://" not in value and value not in _NAMED_VALUES.get(field, ()):
       node[name] = os.path.abspath(value)
   return c
 
@@ -226,6 +285,13 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, num_processes: in
   micro-batch splits evenly over the hosts, which each read their own rows. Makes no network calls."""
 
   _choice(c.stage, "stage", (1, 2))
+  _choice(c.get("task", "musilingo"), "task", TASKS)
+  init = c.model.get("encoder_init", "random")
+  if init not in ENCODER_INITS and not (isinstance(init, str) and init and ("://" in init or os.path.isdir(init))):
+    raise ConfigError(f"config.model.encoder_init = {init!r}; expected one of {list(ENCODER_INITS)} or the "
+                      "directory of a pretrained encoder (scripts/pretrain_encoder.py: WORKDIR/encoder)")
+  if c.get("task", "musilingo") == "mert_pretrain":
+    _validate_pretrain(c)
   _choice(c.model.compute_dtype, "model.compute_dtype", ("float32", "bfloat16"))
   _choice(c.model.frozen_dtype, "model.frozen_dtype", ("float32", "bfloat16"))
   _choice(c.model.attention_impl, "model.attention_impl", ("xla", "cudnn", "auto"))
@@ -308,6 +374,34 @@ def validate(c: ConfigDict, *, num_devices: int | None = None, num_processes: in
   if num_processes is not None and c.train.batch_size % num_processes:
     raise ConfigError(f"config.train.batch_size = {c.train.batch_size} (global rows per micro-batch) does not "
                       f"split over the {num_processes} hosts (each reads its own rows)")
+
+
+def _validate_pretrain(c: ConfigDict) -> None:
+  if c.get("pretrain") is None:
+    raise ConfigError("config.task = 'mert_pretrain' needs the pretrain section (configs/mert_pretrain.py)")
+  p = c.pretrain
+  if c.train.trainable != "all":
+    raise ConfigError(f"config.train.trainable = {c.train.trainable!r}: pretraining trains the whole encoder "
+                      "and its heads ('all')")
+  bad = [f for f in p.features if f not in PRETRAIN_FEATURES]
+  if bad or not p.features:
+    raise ConfigError(f"config.pretrain.features = {tuple(p.features)!r}; expected some of {PRETRAIN_FEATURES}")
+  for field, ok, want in (
+      ("codebook_size", isinstance(p.codebook_size, int) and p.codebook_size >= 2, "an integer >= 2"),
+      ("crop_seconds", p.crop_seconds > 0, "> 0"),
+      ("mask_prob", 0 < p.mask_prob <= 1, "in (0, 1]"),
+      ("mask_length", isinstance(p.mask_length, int) and p.mask_length >= 1, "a positive integer"),
+      ("feature_grad_mult", 0 <= p.feature_grad_mult <= 1, "in [0, 1]"),
+      ("valid_fraction", 0 <= p.valid_fraction < 1, "in [0, 1)"),
+      ("cqt_bins", p.cqt_bins % p.cqt_bins_per_octave == 0 and p.cqt_bins_per_octave % 12 == 0,
+       "whole octaves of cqt_bins_per_octave, itself a multiple of 12")):
+    if not ok:
+      raise ConfigError(f"config.pretrain.{field} = {p[field]!r}; expected {want}")
+  _choice(p.demo_set, "pretrain.demo_set", ("demo", "smoke"))
+  source = p.source
+  if source != "demo" and not source.startswith("records:") and not os.path.isdir(source):
+    raise ConfigError(f"config.pretrain.source = {source!r}: expected 'demo', a folder of .wav files or "
+                      "'records:<dir>'")
 
 
 def demo_config(c: ConfigDict, *, smoke: bool = False) -> ConfigDict:

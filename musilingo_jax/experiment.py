@@ -148,6 +148,23 @@ class Experiment:
     return step_flops(self.model, rows, seq_len, n_audio_tokens, trainable_mode=self.c.train.trainable,
                       encoder_frames=encoder_frames, head_positions=self.loss_positions)
 
+  # ---- what the trainer asks besides the step (pretrain/experiment.py answers them for pretraining) ----
+
+  def step_cost(self, gbatch: dict) -> tuple[float, int]:
+    """(FLOPs of one step on this global batch, the tokens it counts for tokens_per_s): the batch's rows x
+    positions (`step_flops`, with the encoder's frames when raw audio goes through it in the step)."""
+    frames = self.model.cfg.encoder.feature_lengths(gbatch["audio"].shape[-1]) if "audio" in gbatch else 0
+    rows, seq_len = gbatch["input_ids"].shape[:2]
+    flops = self.step_flops(rows, seq_len, self.data.slots.tokens, encoder_frames=int(frames))
+    return flops, int(np.prod(gbatch["input_ids"].shape))
+
+  def extra_eval_metrics(self, trainable: nnx.State, step: int) -> dict[str, float]:
+    """Metrics beside the eval loss at the eval after `step` steps: generation metrics on
+    config.eval.generate_samples held-out examples (none when 0)."""
+    del step
+    n = self.c.eval.generate_samples
+    return self.data.generation_metrics(self.merged(trainable), n) if n else {}
+
 
 def activations_of(c, mesh: Mesh) -> sharding.Activations | None:
   """The activation sharding a run's models carry (config.mesh.constrain_activations, default on)."""

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from musilingo_jax import prompts
+from musilingo_jax.data import audio as audio_lib
 from musilingo_jax.models.llama import Llama
 from musilingo_jax.models.musilingo import MusiLingo
 
@@ -411,8 +412,12 @@ def prompt_batch(tokenizer, questions: Sequence[str | None], *, n_audio_tokens: 
                                  pad_id=tokenizer.pad_id, max_len=max_len)
 
 
-def audio_features(model: MusiLingo, audio) -> np.ndarray:
-  """One clip's pooled encoder features [T', D_enc] (float32) from 24 kHz mono audio [S]."""
+def audio_features(model: MusiLingo, audio, *, normalize: bool = False) -> np.ndarray:
+  """One clip's pooled encoder features [T', D_enc] (float32) from 24 kHz mono audio [S]. normalize: first
+  standardise the clip as MERT's feature extractor does with do_normalize (zero mean, unit variance), which
+  a run trained on MusicInstruct / MusicCaps clips heard (`build.audio_normalize`)."""
+  if normalize:
+    audio = audio_lib.extractor_input(np.asarray(audio, np.float32), do_normalize=True)
   f = nnx.jit(lambda m, a: m.audio_features({"audio": a}))(model, jnp.asarray(audio, jnp.float32)[None])
   return np.asarray(f[0])
 
@@ -430,7 +435,7 @@ class Chat:
   masked and positions count real tokens only, so the answer is the same up to float rounding.
   """
 
-  def __init__(self, model: MusiLingo, tokenizer, *, features=None, audio=None,
+  def __init__(self, model: MusiLingo, tokenizer, *, features=None, audio=None, normalize_audio: bool = False,
                prompt_cfg: prompts.PromptConfig = prompts.PromptConfig(), seed: int = 0,
                prompt_bucket: int | None = None, **gen_kwargs):
     if (features is None) == (audio is None):
@@ -438,7 +443,7 @@ class Chat:
     if not prompt_cfg.template:
       raise ValueError("chat needs the instruction template (PromptConfig(template=True))")
     if features is None:
-      features = audio_features(model, audio)
+      features = audio_features(model, audio, normalize=normalize_audio)
     self.model, self.tokenizer, self.prompt_cfg = model, tokenizer, prompt_cfg
     self.features = np.asarray(features, np.float32)  # [T', D_enc]
     self.seed, self.gen_kwargs, self.prompt_bucket = seed, gen_kwargs, prompt_bucket

@@ -27,6 +27,7 @@ from musilingo_jax import build, checkpoint, sharding, storage
 from musilingo_jax import config as cfglib
 from musilingo_jax import train as trainlib
 from musilingo_jax.experiment import Experiment
+from musilingo_jax.pretrain.experiment import PretrainExperiment
 from musilingo_jax.runlog import MetricsWriter
 
 log = logging.getLogger("musilingo_jax")
@@ -101,6 +102,11 @@ class Hook:
 HOOKS: list[Hook] = []
 
 
+def experiment_class(c) -> type[Experiment]:
+  """What config.task trains: MusiLingo (`Experiment`) or MERT-style encoder pretraining (`PretrainExperiment`)."""
+  return PretrainExperiment if c.get("task", "musilingo") == "mert_pretrain" else Experiment
+
+
 def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[str, Any]:
   """Trains per config `c` in `workdir`; returns a summary dict (final step, last metrics, ...). Local
   paths in the config are made absolute first (config.json then means the same from any directory)."""
@@ -116,14 +122,14 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
   try:
     if is_main:
       (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    exp = Experiment.from_config(c, mesh)
+    exp = experiment_class(c).from_config(c, mesh)
     if is_main:
       save_run_assets(workdir, exp.tokenizer, exp.model)
   except BaseException:
     if new_local and is_main:  # failed while setting up: leave no run folder behind that holds no run
       shutil.rmtree(workdir, ignore_errors=True)
     raise
-  data, model = exp.data, exp.model
+  data = exp.data
   if is_main:
     print(trainlib.describe_trainable(exp.trainable), flush=True)
 
@@ -157,7 +163,7 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
   writer = MetricsWriter(workdir, c)
   stop = _install_sigterm()
   peak = calibrate_matmul_flops() * jax.device_count()
-  flops_per_step = None
+  flops_per_step = tokens_per_step = None
   compiled = None
   last: dict[str, float] = {}
   progress = None
@@ -165,7 +171,19 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
     progress = tqdm(total=num_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
   t_last, tokens_since, label_tokens_since, last_log_step = time.perf_counter(), 0, 0, start
   step = start
+
+  def run_eval(at: int) -> dict[str, float]:
+    ev = evaluate_loss(eval_fn, trainable, frozen, data.eval_batches(c.eval_batches), mesh)
+    ev.update(exp.extra_eval_metrics(trainable, at))
+    writer.write(at, ev, prefix="eval")
+    if is_main:
+      print(f"\nstep {at}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
+    return ev
+
   try:
+    if start == 0 and c.get("eval_at_start", False):  # the untrained model's eval row (step 0)
+      run_eval(0)
+      writer.flush()
     while step < num_steps:
       left, local = (None, next(train_it)) if carry is None else carry.next_update(step)
       for hook in hooks:
@@ -173,9 +191,7 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
       gbatch = sharding.global_batch(local, mesh)
       if compiled is None:
         compiled = exp.train_step({k: v.sharding for k, v in gbatch.items()}, carry_grads=carry is not None)
-        frames = model.cfg.encoder.feature_lengths(gbatch["audio"].shape[-1]) if "audio" in gbatch else 0
-        flops_per_step = exp.step_flops(gbatch["input_ids"].shape[0], gbatch["input_ids"].shape[1],
-                                        data.slots.tokens, encoder_frames=int(frames))
+        flops_per_step, tokens_per_step = exp.step_cost(gbatch)
       carried = ()
       if carry is not None:  # the previous epoch's leftover micro-batches' gradients (zeros when none)
         carried = (no_carry if left is None else carry_grads_fn(
@@ -191,7 +207,7 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
                  "also gives NaN)" if exp.loss_positions else ""))
       trainable, opt_state = new_trainable, new_opt
       step += 1
-      tokens_since += int(np.prod(gbatch["input_ids"].shape))
+      tokens_since += tokens_per_step
       label_tokens_since += int(m["tokens"])
       if progress is not None:
         progress.update(1)
@@ -208,14 +224,9 @@ def run(c, workdir: str, *, hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[s
         t_last, tokens_since, label_tokens_since, last_log_step = now, 0, 0, step
       metrics_for_ckpt = None
       if step % c.eval_every == 0 or step == num_steps:
-        ev = evaluate_loss(eval_fn, trainable, frozen, data.eval_batches(c.eval_batches), mesh)
-        if c.eval.generate_samples:
-          ev.update(data.generation_metrics(exp.merged(trainable), c.eval.generate_samples))
-        writer.write(step, ev, prefix="eval")
+        ev = run_eval(step)
         last.update({f"eval_{k}": v for k, v in ev.items()})
         metrics_for_ckpt = {"eval_loss": ev["loss"]}
-        if is_main:
-          print(f"\nstep {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()), flush=True)
       if step % c.log_every == 0 or step % c.eval_every == 0 or step == num_steps:
         writer.flush()  # durable up to here (a gs:// workdir: uploaded), before the save and any hook
       if step % c.save_every == 0 or step == num_steps or stop["stop"]:

@@ -11,6 +11,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from flax import nnx
 
 import tiny_hf
 from musilingo_jax import build, generate as gen
@@ -132,3 +133,45 @@ def test_adapter_of_a_scanned_llm_gives_its_logits(tmp_path):
                                            tmp_path / "adapter").eval()
   ids = rng.integers(3, lm.cfg.vocab_size, (2, 9))
   np.testing.assert_allclose(_logits(adapted, ids), np.asarray(lm(input_ids=ids)[0]), atol=1e-4, rtol=0)
+
+
+def test_new_audio_is_standardised_as_the_run_heard_it(run, tmp_path):
+  """MusicInstruct / MusicCaps runs heard their clips through MERT's feature extractor (do_normalize): generate,
+  serve and the export apply the same to new audio. One rule (build.audio_normalize) decides it; ours and
+  torch_inference's standardisation give the same features, which no gain or offset of the clip changes."""
+  from musilingo_jax.main import cli, generate as generate_main
+  workdir, out, model, _ = run
+  c = tiny_hf.run_config("")
+  assert not build.audio_normalize(c)                       # the demo's clips skip the extractor
+  for dataset in ("musicqa", "lp-musiccaps-msd"):
+    c.data.dataset = dataset
+    assert not build.audio_normalize(c)
+  c.data.dataset = "musicinstruct"
+  assert build.audio_normalize(c)                           # a random encoder: transformers' default (true)
+  off = tmp_path / "off"
+  off.mkdir()
+  (off / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+  c.model.checkpoint = str(off)
+  assert not build.audio_normalize(c)                       # the MERT checkpoint's own setting
+  c.model.checkpoint = ""
+
+  args = lambda *a: generate_main.parse_args(["--audio", "x.wav", *a])
+  assert cli.audio_normalize(args("--workdir", "w"), c)                       # auto: the run's setting
+  assert not cli.audio_normalize(args("--checkpoint", "k", "--projection", "p.npz"), c)  # no run: off
+  assert cli.audio_normalize(args("--checkpoint", "k", "--projection", "p.npz", "--normalize-audio", "on"), None)
+  assert not cli.audio_normalize(args("--workdir", "w", "--normalize-audio", "off"), c)
+
+  class Heard(nnx.Module):  # what the encoder is handed, as [1, S, 1] "features"
+    def audio_features(self, batch):
+      return batch["audio"][..., None]
+
+  audio = (0.3 * np.random.default_rng(2).standard_normal(24000) + 0.05).astype(np.float32)
+  np.testing.assert_array_equal(gen.audio_features(Heard(), audio)[:, 0], audio)
+  heard = gen.audio_features(Heard(), audio, normalize=True)[:, 0]
+  assert abs(heard.mean()) < 1e-5 and abs(heard.std() - 1) < 1e-4
+  np.testing.assert_allclose(gen.audio_features(Heard(), 5 * audio + 0.2, normalize=True)[:, 0], heard, atol=1e-4)
+  m = MusiLingoTorch.from_export(out, llm="merged")
+  m.config["audio"]["normalize"] = True                     # as a MusicInstruct run's export records it
+  np.testing.assert_allclose(m.normalize(audio), heard, atol=1e-6)
+  np.testing.assert_allclose(m.encode(audio).numpy(), gen.audio_features(model, audio, normalize=True), atol=1e-4,
+                             rtol=1e-4)

@@ -5,8 +5,9 @@ docs/reference.md, "Training"), plus the demo and smoke runs.
       --config.model.checkpoint=converted/ --config.data.records_dir=records/musicqa
 
 Presets: musicqa, musicinstruct (all), musicinstruct_short, musicinstruct_long, musiccaps (reference
-hyperparameters); demo (the README's main job: real SmolLM2 + the embedded music21 set, 13-18 min on 2 CPU
-cores); smoke (the same path in seconds, for tests).
+hyperparameters); demo (the README's main job: real SmolLM2 + the embedded music21 set + an encoder
+MERT-style pretrained on first use; see README "The demo"); smoke (the same path in seconds with a random
+encoder, for tests).
 """
 
 from musilingo_jax import config as cfglib
@@ -21,7 +22,12 @@ def get_config(arg: str = "musicqa"):
     raise ValueError(f"configs/finetune.py: unknown preset {arg!r}; choose from {PRESETS}")
   c = cfglib.base_config()
   if arg in ("demo", "smoke"):
-    return cfglib.demo_config(c, smoke=(arg == "smoke"))
+    c = cfglib.demo_config(c, smoke=(arg == "smoke"))
+    if arg == "demo":
+      # The encoder: MERT-style pretrained on unlabeled renderings of the training pieces
+      # (configs/mert_pretrain.py:demo; built on the first run, 3 to 5 min on 2 CPU cores, then cached).
+      c.model.encoder_init = "pretrain_demo"
+    return c
   cfglib.apply_schedule(c, arg)
   c.model.scan_layers = True  # full-size MERT-330M + Vicuna-7B: scanned layers (compile time, per-chip memory)
   # Audio tokens per micro-batch come from the clips (config.data.n_audio_tokens = 0: the records' bound).

@@ -35,6 +35,7 @@ MAX_MEASURES measures before parsing; parsed pieces (notes + labels) are cached 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -463,6 +464,33 @@ def _make_pool(workers: int):
   return ctx.Pool(workers)
 
 
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+  """(pool or None, map over it): _make_pool's pool, closed and joined on the way out."""
+  pool = _make_pool(workers)
+  try:
+    yield pool, ((lambda fn, xs: pool.map(fn, xs, chunksize=1)) if pool else (lambda fn, xs: list(map(fn, xs))))
+  finally:
+    if pool:
+      pool.close()
+      pool.join()
+
+
+def _render_all(pool, jobs: list, desc: str, progress: bool) -> list[str]:
+  """Render every _render_job job (in the pool when there is one), with a progress bar; the silent ones' names."""
+  results = pool.imap(_render_job, jobs, chunksize=1) if pool else map(_render_job, jobs)
+  return [name for name, rms in tqdm(results, total=len(jobs), desc=desc, unit="clip", disable=not progress)
+          if rms < 1e-4]
+
+
+def _write_meta(meta_file: Path, meta: dict) -> None:
+  """meta.json written last and atomically: its presence means the folder is complete."""
+  tmp = meta_file.with_name(meta_file.name + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(meta, f, indent=1)
+  os.replace(tmp, meta_file)
+
+
 def default_cache_dir() -> Path:
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return Path(base) / "musilingo_jax" / "demo_scores"
@@ -495,9 +523,7 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
   cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
   (out / "audio").mkdir(parents=True, exist_ok=True)
 
-  pool = _make_pool(workers)
-  pool_map = (lambda fn, xs: pool.map(fn, xs, chunksize=1)) if pool else (lambda fn, xs: list(map(fn, xs)))
-  try:
+  with _worker_pool(workers) as (pool, pool_map):
     chosen, skipped = _select_pieces({"train": num_train_pieces, "test": num_test_pieces}, seed, pool_map,
                                      str(cache) if cache else None, progress)
     t_parse = time.time() - t0
@@ -509,13 +535,7 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
     jobs = [(clip_notes(chosen[s][sp["piece_index"]], sp["labels"]["bpm"], sp["labels"]["transpose"],
                         clip_seconds), sp["labels"], n_samples, resolved, soundfont, sp["noise_seed"],
              str(out / "audio" / f"{sp['clip_id']}.wav")) for s in SPLITS for sp in specs[s]]
-    results = pool.imap(_render_job, jobs, chunksize=1) if pool else map(_render_job, jobs)
-    silent = [name for name, rms in tqdm(results, total=len(jobs), desc=f"render ({resolved})", unit="clip",
-                                         disable=not progress) if rms < 1e-4]
-  finally:
-    if pool:
-      pool.close()
-      pool.join()
+    silent = _render_all(pool, jobs, f"render ({resolved})", progress)
   if silent:
     raise RuntimeError(f"{len(silent)} rendered clips are silent, e.g. {silent[:3]}")
   keep = {f"{sp['clip_id']}.wav" for s in SPLITS for sp in specs[s]}
@@ -545,10 +565,7 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
       "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "build_seconds": {"parse": round(t_parse, 2), "total": round(time.time() - t0, 2)},
   }
-  tmp = out / "meta.json.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, meta_file)
+  _write_meta(meta_file, meta)
   return meta
 
 
@@ -562,3 +579,84 @@ def load_demo_split(data_dir, split: str) -> list[dict]:
                             f"scripts/make_demo_data.py --out {data_dir}")
   with open(file, encoding="utf-8") as f:
     return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------- unlabeled renderings
+
+def set_dir_name(pieces: tuple[int, int], clips_per_piece: int, clip_seconds: float) -> str:
+  """The folder name of a demo set under the cache (build.demo_dirs, the pretraining probe)."""
+  return f"set-{pieces[0]}x{pieces[1]}-{clips_per_piece}-{clip_seconds:g}s"
+
+
+def build_unlabeled_set(out_dir, *, num_pieces: int, num_test_pieces: int, clips_per_piece: int,
+                        clip_seconds: float, seed: int = 0, renderer: str = "auto", workers: int = 2,
+                        cache_dir=True, exclude_pieces=(), progress: bool = True) -> dict:
+  """Unlabeled renderings for encoder pretraining (pretrain/): `clips_per_piece` renderings of each of
+  `num_pieces` training pieces, every one with its own instrument, BPM and transposition (drawn from
+  another seeded stream than the QA set's), `clip_seconds` long. No QA pairs: DIR/audio/*.wav and
+  DIR/meta.json (params, pieces, counts; written last, its presence with the same params means "reuse").
+
+  Pieces are chosen exactly as `build_demo_dataset(num_train_pieces=num_pieces, num_test_pieces=
+  num_test_pieces, seed=seed)` chooses its training pieces: the test pieces of a demo set built with the
+  same `num_test_pieces` and `seed` (and any work of theirs) are never rendered. `exclude_pieces` (e.g. that
+  set's meta["pieces"]["test"]) is checked as well: a chosen piece of the same work raises."""
+  if num_pieces < 1 or num_test_pieces < 1 or clips_per_piece < 1 or clip_seconds <= 0:
+    raise ValueError("num_pieces, num_test_pieces, clips_per_piece and clip_seconds must be positive")
+  out = Path(out_dir)
+  resolved, soundfont = render_lib.resolve_renderer(renderer)
+  params = {"version": VERSION, "kind": "unlabeled", "num_pieces": num_pieces, "num_test_pieces": num_test_pieces,
+            "clips_per_piece": clips_per_piece, "clip_seconds": float(clip_seconds), "seed": seed,
+            "renderer": resolved, "soundfont": soundfont}
+  meta_file = out / "meta.json"
+  if meta_file.is_file():
+    with open(meta_file, encoding="utf-8") as f:
+      meta = json.load(f)
+    if meta.get("params") == params:
+      if progress:
+        print(f"demo unlabeled set: reusing {out} ({meta['counts']['clips']} clips)")
+      return meta
+    meta_file.unlink()
+  t0 = time.time()
+  cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
+  (out / "audio").mkdir(parents=True, exist_ok=True)
+  with _worker_pool(workers) as (pool, pool_map):
+    chosen, skipped = _select_pieces({"train": num_pieces, "test": num_test_pieces}, seed, pool_map,
+                                     str(cache) if cache else None, progress)
+    pieces = chosen["train"]
+    excluded = {_work_of(p) for p in exclude_pieces}
+    clash = sorted(p["piece"] for p in pieces if p["work"] in excluded)
+    if clash:
+      raise RuntimeError(f"unlabeled renderings would include test works: {clash}")
+    rng = np.random.default_rng([seed, 4])
+    n = len(pieces) * clips_per_piece
+    instruments = np.concatenate([rng.permutation(len(INSTRUMENTS)) for _ in range(-(-n // len(INSTRUMENTS)))])
+    tempos = np.concatenate([rng.permutation(len(TEMPO_CLASSES)) for _ in range(-(-n // len(TEMPO_CLASSES)))])
+    n_samples = int(round(clip_seconds * render_lib.SAMPLE_RATE))
+    jobs, names = [], []
+    for i, piece in enumerate(pieces):
+      slug = re.sub(r"[^A-Za-z0-9]+", "_", piece["piece"]).strip("_")
+      for c in range(clips_per_piece):
+        j = i * clips_per_piece + c
+        klass = tuple(TEMPO_CLASSES)[tempos[j]]
+        bpm = int(rng.choice(TEMPO_CLASSES[klass]))
+        transpose = int(rng.integers(TRANSPOSE_RANGE[0], TRANSPOSE_RANGE[1] + 1))
+        labels = {"instrument": INSTRUMENTS[instruments[j]], "bpm": bpm}
+        name = f"{slug}_u{c:02d}.wav"
+        names.append(name)
+        jobs.append((clip_notes(piece, bpm, transpose, clip_seconds), labels, n_samples, resolved, soundfont,
+                     int(rng.integers(2**31)), str(out / "audio" / name)))
+    silent = _render_all(pool, jobs, f"render unlabeled ({resolved})", progress)
+  for name in silent:  # a silent excerpt teaches nothing: dropped, and counted
+    (out / "audio" / name).unlink()
+  keep = set(names) - set(silent)
+  for stale in (out / "audio").glob("*.wav"):
+    if stale.name not in keep:
+      stale.unlink()
+  meta = {"version": VERSION, "params": params, "renderer": resolved, "soundfont": soundfont,
+          "sample_rate": render_lib.SAMPLE_RATE, "clip_samples": n_samples,
+          "counts": {"pieces": len(pieces), "clips": len(keep), "silent": len(silent), "skipped_pieces": len(skipped)},
+          "pieces": [p["piece"] for p in pieces], "skipped": skipped,
+          "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "build_seconds": round(time.time() - t0, 2)}
+  _write_meta(meta_file, meta)
+  return meta

@@ -152,6 +152,17 @@ class StagedArrayRecordSource:
     return f"StagedArrayRecordSource({len(self._files)} shards, {len(self)} records, {self._files[0]}...)"
 
 
+def rows_per_process(batch_size: int, accum_steps: int, processes: int) -> int:
+  """The rows each process reads per optimiser step; a clear error when the batch does not split evenly."""
+  rows = batch_size * accum_steps
+  if rows % processes:
+    raise ValueError(f"config.train.batch_size * accum_steps = {rows} does not split over {processes} processes")
+  if batch_size % processes:
+    raise ValueError(f"config.train.batch_size = {batch_size} (one micro-batch) does not split over "
+                     f"{processes} processes")
+  return rows // processes
+
+
 def array_record_source(paths: Sequence[str]):
   """Grain's ArrayRecordDataSource over local shards; `StagedArrayRecordSource` when any is remote."""
   if any(storage.is_remote(p) for p in paths):

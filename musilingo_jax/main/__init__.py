@@ -10,6 +10,8 @@ point; `pyproject.toml` installs them as console scripts and `scripts/<name>.py`
   musilingo-export           export_pytorch.py
   musilingo-aot              aot_compile.py        (absl flags + ml_collections config files)
   musilingo-make-demo-data   make_demo_data.py
+  musilingo-serve            serve.py              (Gradio web demo)
+  musilingo-pretrain-encoder pretrain_encoder.py   (absl flags + ml_collections config files)
 
 `cli.py` holds the argparse pieces several of them share.
 

@@ -32,6 +32,25 @@ def add_model_source(p: argparse.ArgumentParser, *, dtypes: tuple[str, ...] = DT
   p.add_argument("--dtype", choices=dtypes, default="bfloat16", help=dtype_help)
 
 
+def add_audio_normalize(p: argparse.ArgumentParser) -> None:
+  """--normalize-audio: standardise new clips as the run's encoder heard them (build.audio_normalize)."""
+  p.add_argument("--normalize-audio", choices=("auto", "on", "off"), default="auto",
+                 help="standardise each clip (zero mean, unit variance) as MERT's feature extractor does before "
+                      "the encoder hears it. auto (default): as the run's training data did (MusicInstruct and "
+                      "MusicCaps clips go through the extractor with the MERT checkpoint's do_normalize; MusicQA, "
+                      "LP-MusicCaps-MSD and the demo do not); with --checkpoint, off")
+
+
+def audio_normalize(args: argparse.Namespace, config) -> bool:
+  """The --normalize-audio decision: on/off as given; auto: the run's setting (a run config), else off."""
+  if args.normalize_audio != "auto":
+    return args.normalize_audio == "on"
+  if config is None or not getattr(args, "workdir", None):
+    return False
+  from musilingo_jax import build
+  return build.audio_normalize(config)
+
+
 def add_sampling(p: argparse.ArgumentParser, *, greedy_help: str = "argmax decoding instead of sampling") -> None:
   """The reference's sampling settings as defaults: temperature 0.1, top-p 0.5, up to 300 new tokens
   (docs/reference.md, "Generation and metrics")."""

@@ -75,17 +75,13 @@ def _export(args, out: str, *, shown: str) -> int:
   """Writes the export into the local folder `out` (`shown`: the --out the messages name)."""
   from musilingo_jax import build
   from musilingo_jax import export as export_lib
-  from musilingo_jax.data import audio as audio_lib
   load_dtype = "float32" if args.dtype == "float16" else args.dtype
   model, tok, c = build.load_for_inference(workdir=args.workdir, checkpoint=args.checkpoint,
                                            projection=args.projection, step=args.step, dtype=load_dtype)
   print(build.format_memory_report(build.memory_report(model)), flush=True)
   source = _sources(args, c)
   base_model = args.base_model or source.get("llm")
-  try:
-    normalize = audio_lib.extractor_do_normalize(c.model.checkpoint or None, c.data.dataset)
-  except ValueError:
-    normalize = False  # a converted checkpoint without MERT's preprocessor_config.json: the reference's QA data
+  normalize = build.audio_normalize(c)
   prefix = shown.rstrip("/") + "/"
   export_lib.export_model(model, tok, out, prompt_cfg=build.prompt_config(c), dtype=args.dtype,
                           normalize_audio=normalize, llm=not args.no_llm, base_llm=args.base_llm,

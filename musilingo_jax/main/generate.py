@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--question", help="the question (omit with --chat, or for a stage-1 captioning model)")
   p.add_argument("--chat", action="store_true", help="interactive multi-turn questions about the clip")
   cli.add_sampling(p)
+  cli.add_audio_normalize(p)
   p.add_argument("--json", action="store_true", help="print one JSON object (answer text and token ids)")
   args = p.parse_args(argv)
   cli.check_model_source(p, args)
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
   if config is not None:
     from musilingo_jax.build import prompt_config
     prompt_cfg = prompt_config(config)
-  features = clip if kind == "features" else gen.audio_features(model, clip)
+  features = clip if kind == "features" else gen.audio_features(model, clip,
+                                                                 normalize=cli.audio_normalize(args, config))
   gen_kwargs = dict(greedy=args.greedy, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p)
 

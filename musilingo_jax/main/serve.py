@@ -69,6 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   cli.add_model_source(p)
   cli.add_sampling(p, greedy_help="start with argmax decoding ticked (the page can change every setting but "
                                   "the seed)")
+  cli.add_audio_normalize(p)
   p.add_argument("--host", default="127.0.0.1",
                  help="address to listen on (default %(default)s: this machine only; 0.0.0.0 = every interface)")
   p.add_argument("--port", type=int, default=7860, help="port to listen on (default %(default)s)")
@@ -137,11 +138,13 @@ class Demo:
   """
 
   def __init__(self, model, tokenizer, prompt_cfg=None, *, limits: Limits = Limits(),
-               sampling: Sampling = Sampling(), prompt_bucket: int | None = PROMPT_BUCKET):
+               sampling: Sampling = Sampling(), prompt_bucket: int | None = PROMPT_BUCKET,
+               normalize_audio: bool = False):
     from musilingo_jax import prompts
     self.model, self.tokenizer = model, tokenizer
     self.prompt_cfg = prompt_cfg if prompt_cfg is not None else prompts.PromptConfig()
     self.limits, self.sampling, self.prompt_bucket = limits, sampling, prompt_bucket
+    self.normalize_audio = normalize_audio  # standardise clips as the run's encoder heard them (cli.audio_normalize)
 
   # -- a clip arrives
   def check_clip(self, path: str):
@@ -188,7 +191,7 @@ class Demo:
       audio, seconds = self.check_clip(path)
     except ValueError as e:
       return None, None, str(e), []
-    features = gen.audio_features(self.model, audio)
+    features = gen.audio_features(self.model, audio, normalize=self.normalize_audio)
     heard = len(audio) / audio_lib.TARGET_SR
     part = (f"the first {heard:.1f} s of {_clock(seconds)}" if heard < seconds - 0.05
             else f"all {seconds:.1f} s")
@@ -261,14 +264,14 @@ class Demo:
 
 
 def build_app(model, tokenizer, prompt_cfg=None, *, limits: Limits = Limits(), sampling: Sampling = Sampling(),
-              title: str = TITLE):
+              title: str = TITLE, normalize_audio: bool = False):
   """The Gradio Blocks page over `Demo(model, tokenizer, prompt_cfg)`; `launch` serves it. Element ids for
   tests: audio, spectrogram, status, chat, question, send, reset, greedy, temperature, top_p,
   max_new_tokens. No "share" buttons (they post to Hugging Face Spaces); analytics off. `app.demo` is the
   Demo."""
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
   import gradio as gr
-  demo = Demo(model, tokenizer, prompt_cfg, limits=limits, sampling=sampling)
+  demo = Demo(model, tokenizer, prompt_cfg, limits=limits, sampling=sampling, normalize_audio=normalize_audio)
   heard = f"the first {limits.max_seconds:g} s" if limits.max_seconds > 0 else "all"
   with gr.Blocks(title=title, analytics_enabled=False) as app:
     gr.Markdown(f"## {title}: ask about a piece of music\nUpload or record a clip (up to "
@@ -346,7 +349,8 @@ def main(argv=None) -> int:
                   max_upload_mb=args.max_upload_mb)
   sampling = Sampling(greedy=args.greedy, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, seed=args.seed)
-  app = build_app(model, tokenizer, prompt_cfg, limits=limits, sampling=sampling)
+  app = build_app(model, tokenizer, prompt_cfg, limits=limits, sampling=sampling,
+                  normalize_audio=cli.audio_normalize(args, config))
   print(f"{PROG}: http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
   try:
     launch(app, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)

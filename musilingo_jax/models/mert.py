@@ -533,9 +533,24 @@ class MERT(nnx.Module):
 
     mask_time_indices [B, T] bool: explicit frames to replace by masked_spec_embed (as HF, in any mode).
     Returns cfg.num_hidden_states arrays [B, T, hidden] in `cfg.dtype`; with a mask, padded frames hold junk.
+    The same as `encode_features(extract_features(input_values, pad_samples), attention_mask, ...)`.
     """
+    return self.encode_features(self.extract_features(input_values, pad_samples), attention_mask,
+                                mask_time_indices=mask_time_indices, deterministic=deterministic, rngs=rngs)
+
+  def extract_features(self, input_values: jax.Array, pad_samples: jax.Array | None = None) -> jax.Array:
+    """The conv feature extractor alone: [B, S] waveform -> [B, T, conv_dim[-1]] (what HuBERT's feature
+    penalty and `feature_grad_mult` act on in pretraining; musilingo_jax.pretrain)."""
+    return self.feature_extractor(input_values, pad_samples)
+
+  def encode_features(self, features: jax.Array, attention_mask: jax.Array | None = None, *,
+                      mask_time_indices: jax.Array | None = None, deterministic: bool | None = None,
+                      rngs: nnx.Rngs | jax.Array | None = None) -> list[jax.Array]:
+    """Conv features [B, T, C] -> the hidden states: feature projection, time masking (explicit
+    `mask_time_indices`, or SpecAugment in training mode), positional conv and the transformer layers.
+    attention_mask [B, S] is the sample-level mask of the waveform the features came from."""
     cfg = self.cfg
-    x = self.feature_extractor(input_values, pad_samples)  # [B, T, C]
+    x = features
     t = x.shape[1]
     frame_mask = None if attention_mask is None else self.frame_mask(attention_mask, t)
     x = self.feature_projection(x)  # [B, T, D]
