@@ -226,7 +226,8 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
 
   dtype: the frozen encoder and LLM weights and their compute dtype ("bfloat16" or "float32"); the
   projection and LoRA adapters stay float32 as in training. "int8": float32, then the LLM's weights
-  quantized to int8 with per-channel scales, LoRA merged (musilingo_jax/quantize.py; generation only). None: as the run was trained (workdir) or
+  quantized to int8 with a scale per output channel and block of quantize.INT8_GROUP input rows, LoRA merged
+  (musilingo_jax/quantize.py; generation only). None: as the run was trained (workdir) or
   float32 (checkpoint). A run's randomly initialised frozen parts (demo, tests) are built as the run built
   them, then cast, so they are the weights it trained with. Weights are placed straight onto `mesh`
   (default `inference_mesh()`: all local devices) by the logical-axis `rules` (a sharding preset: "fsdp"
@@ -235,11 +236,11 @@ def load_for_inference(workdir: str | None = None, checkpoint: str | None = None
   """
   if (workdir is None) == (checkpoint is None):
     raise ValueError("give exactly one of workdir or checkpoint")
-  if dtype == "int8":  # the LLM's weights int8 (per-channel scales), computing in float32; the encoder float32
+  if dtype == "int8":  # the LLM's weights int8 (group-wise scales), computing in float32; the encoder float32
     from musilingo_jax import quantize
     model, tok, c = load_for_inference(workdir, checkpoint, projection, step, dtype="float32", rules=rules,
                                        mesh=mesh)
-    quantize.quantize_int8(model.llm)
+    quantize.quantize_int8(model.llm, group_size=quantize.INT8_GROUP)
     _place(model, mesh or inference_mesh(), rules)
     c.model.frozen_dtype = "int8"
     return model, tok, c

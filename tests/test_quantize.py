@@ -56,6 +56,9 @@ def test_load_for_inference_int8_generates(tmp_path):
                                            projection=str(tmp_path / "proj.npz"), dtype="int8")
   assert c.model.frozen_dtype == "int8"
   assert model.llm.model.layers[0].mlp.down_proj.kernel.get_value().dtype == jnp.int8
+  down = model.llm.model.layers[0].mlp.down_proj   # [intermediate, hidden]: a scale per block of INT8_GROUP rows
+  assert down.quant_scale.get_value().shape == (model.llm.cfg.intermediate_size // quantize.INT8_GROUP,
+                                                model.llm.cfg.hidden_size)
   assert model.encoder.cfg.param_dtype == jnp.float32
   report = build.memory_report(model)
   assert report["frozen_dtype"] in ("int8", "float32")
@@ -65,3 +68,36 @@ def test_load_for_inference_int8_generates(tmp_path):
   out = gen.generate(model, batch, tokenizer=tok, greedy=True, max_new_tokens=6)
   assert len(out[0].token_ids) >= 1
   jax.block_until_ready(model.llm.model.embed_tokens.quant_scale.get_value())
+
+
+def test_group_wise_scales_bound_each_block_and_follow_float32_closer():
+  """group_size=16: scales per output channel and block of 16 input rows ([in/16, out]; the embedding's
+  [vocab, embed/16]); each block's error is at most half its own step, and with an outlier row the weights and
+  the logits sit closer to float32 than with one scale per channel (the outlier coarsens only its block)."""
+  for scan in (False, True):
+    ref, per, grp = _llm(scan), _llm(scan), _llm(scan)
+    for lm in (ref, per, grp):  # one outlier weight per kernel row block: what group-wise scales are for
+      for _, v in nnx.to_flat_state(nnx.state(lm, nnx.Param)):
+        w = np.array(v.get_value())
+        if w.ndim >= 2 and w.shape[-2] % 16 == 0:
+          w[..., 3, :] *= 8.0
+          v.set_value(jnp.asarray(w))
+    quantize.quantize_int8(per)
+    quantize.quantize_int8(grp, group_size=16)
+    layer = (lambda m: m.model.layers[0]) if not scan else (lambda m: m.model.layers)
+    up = layer(grp).mlp.up_proj
+    w = np.asarray(layer(ref).mlp.up_proj.kernel.get_value())
+    s = np.asarray(up.quant_scale.get_value())
+    assert s.shape == w.shape[:-2] + (w.shape[-2] // 16, w.shape[-1])
+    deq = np.asarray(up.kernel.get_value()).astype(np.float32) * np.repeat(s, 16, axis=-2)
+    assert (np.abs(deq - w) <= 0.5 * np.repeat(s, 16, axis=-2) + 1e-7).all()
+    pu = layer(per).mlp.up_proj
+    deq_per = np.asarray(pu.kernel.get_value()).astype(np.float32) * np.asarray(pu.quant_scale.get_value())[..., None, :]
+    assert np.abs(deq - w).mean() < 0.5 * np.abs(deq_per - w).mean()   # the outlier coarsens one block of four
+    emb = grp.model.embed_tokens.quant_scale.get_value()
+    assert emb.shape == (ref.cfg.vocab_size, ref.cfg.hidden_size // 16)
+    ids = np.random.default_rng(0).integers(3, ref.cfg.vocab_size, (2, 16))
+    want = np.asarray(ref(input_ids=ids)[0])
+    err_per = np.abs(np.asarray(per(input_ids=ids)[0]) - want).max()
+    err_grp = np.abs(np.asarray(grp(input_ids=ids)[0]) - want).max()
+    assert err_grp < err_per, (err_grp, err_per)

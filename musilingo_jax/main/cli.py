@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 
 
-DTYPES = ("bfloat16", "float32", "int8")  # int8: the LLM's weights int8 with per-channel scales (quantize.py)
+DTYPES = ("bfloat16", "float32", "int8")  # int8: the LLM's weights int8 with group-wise scales (quantize.py)
 DTYPE_HELP = ("dtype of the frozen encoder and LLM weights and of their compute (default %(default)s; float32 "
-              "takes twice the memory; int8: the LLM's weights int8 with per-channel scales, computing in "
+              "takes twice the memory; int8: the LLM's weights int8 with a scale per output channel and block of "
+              "64 input rows, computing in "
               "float32, LoRA merged); the projection and LoRA adapters stay float32. The frozen weights are "
               "split over all local devices (FSDP); the memory they take is printed at load")
 

@@ -55,6 +55,22 @@ class LoRAConfig:
     return self.alpha / self.rank
 
 
+def int8_dot(x: jax.Array, q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """x [..., in] @ (an int8 matrix q [in, out] dequantised by `scale`), computing in `dtype`. scale [out]: one
+  per output channel, applied to the output (exact); scale [G, out]: one per output channel and group of in/G
+  consecutive input rows, so the product is the sum of G partial products, each scaled (quantize.py)."""
+  if scale.ndim == 1:
+    return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
+  groups = scale.shape[0]
+  size = q.shape[0] // groups
+  y = None
+  for g in range(groups):
+    rows = slice(g * size, (g + 1) * size)
+    part = jnp.dot(x[..., rows], q[rows].astype(dtype)) * scale[g].astype(dtype)
+    y = part if y is None else y + part
+  return y
+
+
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias), computed in `dtype`; optional LoRA adapter (nnx.LoRAParam leaves).
 
@@ -83,9 +99,10 @@ class Linear(nnx.Module):
   def __call__(self, x: jax.Array, *, rngs: jax.Array | None = None) -> jax.Array:
     """rngs: a key for the LoRA dropout mask instead of the layer's own stream (stacked layers own none)."""
     x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
-    if self.quant_scale is not None:  # int8 kernel: dequantise the output (the scale is per output channel)
-      y = y * self.quant_scale[...].astype(self.dtype)
+    if self.quant_scale is not None:  # int8 kernel (musilingo_jax/quantize.py)
+      y = int8_dot(x, self.kernel[...], self.quant_scale[...], self.dtype)
+    else:
+      y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:

@@ -288,19 +288,22 @@ class Embedding(nnx.Module):
   def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, dtype, param_dtype):
     self.dtype = dtype
     self.weight = layers.param(rngs, layers.default_kernel_init, (num, dim), ("vocab", "embed"), param_dtype)
-    self.quant_scale = nnx.data(None)  # int8 inference (musilingo_jax/quantize.py): one scale per vocab row
+    self.quant_scale = nnx.data(None)  # int8 inference (musilingo_jax/quantize.py): scales per vocab row
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     x = jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
-    if self.quant_scale is not None:
-      x = x * jnp.take(self.quant_scale[...], ids, axis=0)[..., None].astype(self.dtype)
+    if self.quant_scale is not None:  # int8 rows: scale [vocab] (per row) or [vocab, G] (per group of embed/G)
+      s = jnp.take(self.quant_scale[...], ids, axis=0).astype(self.dtype)
+      if s.ndim == x.ndim:
+        x = (x.reshape(*x.shape[:-1], s.shape[-1], -1) * s[..., None]).reshape(x.shape)
+      else:
+        x = x * s[..., None]
     return x
 
   def attend(self, h: jax.Array) -> jax.Array:
-    y = jnp.dot(h.astype(self.dtype), self.weight[...].astype(self.dtype).T)  # [B, T, vocab]
     if self.quant_scale is not None:
-      y = y * self.quant_scale[...].astype(self.dtype)
-    return y
+      return layers.int8_dot(h.astype(self.dtype), self.weight[...].T, self.quant_scale[...].T, self.dtype)
+    return jnp.dot(h.astype(self.dtype), self.weight[...].astype(self.dtype).T)  # [B, T, vocab]
 
 
 class RMSNorm(nnx.Module):
