@@ -225,12 +225,16 @@ def write_markdown(results: dict, path: Path) -> None:
       ("EPOCH.md", "epoch throughput on a length mix: the reference recipe vs ours (packed rows, precomputed "
                    "features, head at labels); `python -m benchmarks.epoch`"),
       ("DECODE_DTYPES.md", "decode at batch 1 in float32 / bfloat16 / int8 against the measured read-bandwidth "
-                           "bound, and greedy agreement; `python -m benchmarks.decode_dtypes`"))
+                           "bound, and greedy agreement; `python -m benchmarks.decode_dtypes`"),
+      ("STEP_BF16.md", "the train step with bfloat16 compute (f32 accumulation, opt-in) beside our float32 step and "
+                       "the PyTorch float32 reference; `python -m benchmarks.step_bf16`"))
       if (path.parent / name).is_file()]
   if extra:
     L += ["", "## Separate runs", ""] + [f"- [{n}]({n}): {w}." for n, w in extra]
   if results.get("findings"):
     L += ["", "## Findings", ""] + [f"- {x}" for x in results["findings"]]
+  if results.get("notes"):  # measured later by a separate command (each note names it); kept on re-render
+    L += ["", "## Later measurements", ""] + [f"- {x}" for x in results["notes"]]
   if results.get("plot"):
     L += ["", f"![ratios]({Path(results['plot']).name})"]
   path.write_text("\n".join(L) + "\n")

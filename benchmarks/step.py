@@ -274,13 +274,14 @@ def bench_step(shape: Shape, model, ref: tr.TorchMusiLingo, compile_step: Callab
   }
 
 
-def run_steps(shape: Shape, quick: bool, results: dict) -> None:
-  """Every case of one shape, appended to results["steps"] (saved after each case)."""
+def run_steps(shape: Shape, quick: bool, results: dict, timed: int | None = None) -> None:
+  """Every case of one shape, appended to results["steps"] (saved after each case); `timed` steps per case
+  (default 2, 1 with quick)."""
   log(f"{shape.name}: building models ({shape.note})")
   ours = our_setup(shape)
   ref = tr.TorchMusiLingo.from_ours(ours.plain)
   log(f"{shape.name}: built (RSS {rss_mb():.0f} MB)")
-  timed = 1 if quick else 2
+  timed = timed or (1 if quick else 2)
   cases = [("projection", False), ("projection", True), ("projection+lora", False)]
   if quick and shape.name != "demo":
     cases = [("projection", False)]
@@ -307,12 +308,13 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n\n")[0])
   add_common_args(p)
   p.add_argument("--shapes", default="demo,7b_slice", help="comma list of: demo, 7b_slice")
+  p.add_argument("--timed", type=int, default=None, help="timed steps per case and side (default 2; 1 with --quick)")
   args = parse(p, argv)
   torch.set_num_threads(os.cpu_count() or 1)
   results: dict = {"quick": args.quick, "env": environment(), "steps": [], "_json": args.json}
   for shape in shapes(args.quick):
     if shape.name in args.shapes.split(","):
-      run_steps(shape, args.quick, results)
+      run_steps(shape, args.quick, results, args.timed)
       gc.collect()
   save_json(results)
   return 0

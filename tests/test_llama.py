@@ -263,3 +263,25 @@ def test_bf16_compute_is_close_to_f32():
   got = forward(bf16, ids)
   assert got.dtype == np.float32 and np.isfinite(got).all()
   assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_bf16_dot_accumulates_in_f32_forward_and_backward():
+  """layers.dot in bfloat16: bf16 inputs, f32 accumulation, bf16 result, and the same for both gradient products
+  (a custom VJP): values and gradients follow the float32 product of the bf16-rounded inputs to bf16 rounding,
+  and float32 is the plain product."""
+  from musilingo_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.float32).astype(jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((256, 64)) * 0.05, jnp.float32).astype(jnp.bfloat16)
+  g = jnp.asarray(rng.standard_normal((2, 3, 64)), jnp.float32)
+  loss = lambda f: lambda a, b: (f(a, b).astype(jnp.float32) * g).sum()  # noqa: E731
+  ours = jax.jit(jax.value_and_grad(loss(lambda a, b: layers.dot(a, b, jnp.bfloat16)), argnums=(0, 1)))
+  ref = jax.value_and_grad(loss(lambda a, b: jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))), argnums=(0, 1))
+  (v, (dx, dw)), (rv, (rdx, rdw)) = ours(x, w), ref(x, w)
+  assert layers.dot(x, w, jnp.bfloat16).dtype == jnp.bfloat16 and dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(float(v), float(rv), rtol=1e-2)
+  for a, b in ((dx, rdx), (dw, rdw)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()
+  xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+  np.testing.assert_array_equal(np.asarray(layers.dot(xf, wf, jnp.float32)), np.asarray(jnp.dot(xf, wf)))

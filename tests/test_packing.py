@@ -144,3 +144,22 @@ def test_packed_batches_carry_features_per_example_slot(tmp_path):
     used = b["segment_ids"][r].max()
     assert (b["audio_tokens"][r, :used] > 0).all() and (b["audio_tokens"][r, used:] == 0).all()
     assert not b["features"][r, used:].any()
+
+
+def test_packed_rows_split_into_micro_batches_as_the_step_takes_them(tmp_path):
+  """Packed rows (several examples each) with accum_steps=2: micro-batch a is rows a, a+2, ... of the global
+  batch (the train step's interleaving) and holds the same rows, in the same order, as a run without
+  accumulation reads them; nothing is lost or repeated over an epoch."""
+  blobs = [_record(i) for i in range(26)]
+  files = [_write(tmp_path / "train-00000-of-00001.array_record", blobs)]
+  kw = dict(batch_size=4, shuffle=False, num_epochs=1, layout="packed", max_len=40, pack_segments=3,
+            pack_labels=20)
+  accum = list(_make(files, accum_steps=2, **kw))
+  flat = list(_make(files, accum_steps=1, **kw))
+  assert len(accum) == len(flat) >= 2
+  for big, one in zip(accum, flat):
+    assert big.keys() == one.keys()
+    for k in big:
+      for a in range(2):
+        np.testing.assert_array_equal(big[k][a::2], one[k][2 * a:2 * a + 2], err_msg=k)
+  assert max(b["segment_ids"].max() for b in accum) > 1   # rows really hold several examples

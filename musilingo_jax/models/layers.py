@@ -55,18 +55,52 @@ class LoRAConfig:
     return self.alpha / self.rank
 
 
+def dot(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+  """x [..., in] @ w [in, out] with both in `dtype`, accumulated in float32 and returned in `dtype`, forward and
+  backward. For float32 this is the plain product. For bfloat16 it is what GPUs and TPUs do anyway, and on CPU
+  it is the fast path: XLA:CPU's bf16 x bf16 -> f32 GEMM runs about 2.5x its f32 GEMM on an AMX machine, where
+  a bf16-output dot, or one mixing f32 and bf16 inputs (what the default transpose of a mixed-precision dot
+  gives), runs slower than f32 (benchmarks/STEP_BF16.md). So the gradient products are written out the same
+  way (`_dot_f32acc`)."""
+  x, w = x.astype(dtype), w.astype(dtype)
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.dot(x, w)
+  return _dot_f32acc(x, w)
+
+
+@jax.custom_vjp
+def _dot_f32acc(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dot_f32acc_fwd(x, w):
+  return _dot_f32acc(x, w), (x, w)
+
+
+def _dot_f32acc_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dw = jnp.dot(x2.T, g2, preferred_element_type=jnp.float32).astype(w.dtype)   # dropped by XLA when w is frozen
+  return dx, dw
+
+
+_dot_f32acc.defvjp(_dot_f32acc_fwd, _dot_f32acc_bwd)
+
+
 def int8_dot(x: jax.Array, q: jax.Array, scale: jax.Array, dtype) -> jax.Array:
   """x [..., in] @ (an int8 matrix q [in, out] dequantised by `scale`), computing in `dtype`. scale [out]: one
   per output channel, applied to the output (exact); scale [G, out]: one per output channel and group of in/G
   consecutive input rows, so the product is the sum of G partial products, each scaled (quantize.py)."""
   if scale.ndim == 1:
-    return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
+    return dot(x, q, dtype) * scale.astype(dtype)
   groups = scale.shape[0]
   size = q.shape[0] // groups
   y = None
   for g in range(groups):
     rows = slice(g * size, (g + 1) * size)
-    part = jnp.dot(x[..., rows], q[rows].astype(dtype)) * scale[g].astype(dtype)
+    part = dot(x[..., rows], q[rows], dtype) * scale[g].astype(dtype)
     y = part if y is None else y + part
   return y
 
@@ -102,7 +136,7 @@ class Linear(nnx.Module):
     if self.quant_scale is not None:  # int8 kernel (musilingo_jax/quantize.py)
       y = int8_dot(x, self.kernel[...], self.quant_scale[...], self.dtype)
     else:
-      y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+      y = dot(x, self.kernel[...], self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora is not None:

@@ -303,7 +303,7 @@ class Embedding(nnx.Module):
   def attend(self, h: jax.Array) -> jax.Array:
     if self.quant_scale is not None:
       return layers.int8_dot(h.astype(self.dtype), self.weight[...].T, self.quant_scale[...].T, self.dtype)
-    return jnp.dot(h.astype(self.dtype), self.weight[...].astype(self.dtype).T)  # [B, T, vocab]
+    return layers.dot(h, self.weight[...].T, self.dtype)  # [B, T, vocab]
 
 
 class RMSNorm(nnx.Module):
