@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from benchmarks.harness import add_common_args, environment, log, parse, save_json
+from benchmarks.harness import add_common_args, environment, log, parse, run_line, save_json
 
 
 def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
@@ -144,8 +144,7 @@ def write_markdown(results: dict, path) -> None:
   from pathlib import Path
   env = results["env"]
   L = ["# Decode against the memory-bandwidth bound (benchmarks/decode_dtypes.py)", "",
-       f"`python -m benchmarks.decode_dtypes` on {env['cpu_count']} CPU cores, jax {env['jax']}, torch {env['torch']}; "
-       f"load average at start {env['load_start']}. {results['model']}, batch 1, prompt {results['prompt_len']}, "
+       run_line("python -m benchmarks.decode_dtypes", env) + f" {results['model']}, batch 1, prompt {results['prompt_len']}, "
        f"{results['new_tokens']} new tokens, greedy, best of the repeats. Read bandwidth (STREAM-style sum over "
        f"512 MB, best of JAX and numpy): {results['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s; bound = bandwidth / "
        "weight bytes (every weight is read once per token).", "",

@@ -41,7 +41,7 @@ import torch
 from flax import nnx
 
 from benchmarks import step as step_bench
-from benchmarks.harness import add_common_args, calibrate, environment, log, parse, rss_mb, save_json
+from benchmarks.harness import add_common_args, calibrate, environment, log, parse, rss_mb, run_line, save_json
 from musilingo_jax import prompts
 from musilingo_jax.data import pipeline
 from musilingo_jax.models.musilingo import pooled_features
@@ -215,8 +215,7 @@ def write_markdown(results: dict, path) -> None:
   from pathlib import Path
   env, mix = results["env"], results["mix"]
   L = ["# Epoch throughput: the reference recipe vs ours (benchmarks/epoch.py)", "",
-       f"`python -m benchmarks.epoch{' --quick' if results['quick'] else ''}` on {env['cpu_count']} CPU cores, jax "
-       f"{env['jax']}, torch {env['torch']}; load average at start {env['load_start']}. Length mix: "
+       run_line(f"python -m benchmarks.epoch{' --quick' if results['quick'] else ''}", env) + " Length mix: "
        f"{mix['source']}, {mix['examples']} examples, answer tokens median {mix['answer_tokens_median']:.0f}, mean "
        f"{mix['answer_tokens_mean']:.1f}, p90 {mix['answer_tokens_p90']:.0f}.", "",
        "Reference: PyTorch eager, encoder in every step on the raw clips, each micro-batch padded to its longest, "

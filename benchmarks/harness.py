@@ -134,6 +134,12 @@ def save_json(results: dict, path: str | Path | None = None) -> None:
                                      default=float))
 
 
+def run_line(command: str, env: dict) -> str:
+  """The sentence every markdown report opens with: the command, the machine and the load it started on."""
+  return (f"`{command}` on {env['cpu_count']} CPU cores, jax {env['jax']}, torch {env['torch']}; load average at "
+          f"start {env['load_start']}.")
+
+
 def environment() -> dict:
   """The versions and machine every report names."""
   import platform

@@ -21,10 +21,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 
 from benchmarks import step as step_lib
-from benchmarks.harness import add_common_args, environment, log, parse, save_json
+from benchmarks.harness import add_common_args, environment, log, parse, run_line, save_json
 from musilingo_jax.testing import torch_reference as tr
 
 
@@ -46,8 +47,6 @@ def run_shape(shape: step_lib.Shape, mode: str, timed: int) -> dict:
   pick = (lambda s: s.with_lora) if mode == "projection+lora" else (lambda s: s.plain)
   exs = step_lib.make_examples(shape, f32.plain.cfg.encoder.hidden_size)
   batch = step_lib.our_batch(shape, exs, None)
-  feats = torch_feats = None
-  import numpy as np
   torch_feats = np.stack([e["features"] for e in exs])
   ours = {name: setup.compile_step(pick(setup), mode, batch) for name, setup in (("float32", f32), ("bfloat16", b16))}
   state = {k: [s.trainable, s.opt_state] for k, s in ours.items()}
@@ -76,7 +75,7 @@ def run_shape(shape: step_lib.Shape, mode: str, timed: int) -> dict:
          "bf16_vs_torch_f32": med["torch float32"] / med["bfloat16"],
          "f32_vs_torch_f32": med["torch float32"] / med["float32"],
          "bf16_vs_f32": med["float32"] / med["bfloat16"]}
-  del ours, state, f32, b16, ref, feats
+  del ours, state, f32, b16, ref
   gc.collect()
   return row
 
@@ -85,8 +84,7 @@ def write_markdown(results: dict, path) -> None:
   from pathlib import Path
   env = results["env"]
   L = ["# The train step in bfloat16 (benchmarks/step_bf16.py)", "",
-       f"`python -m benchmarks.step_bf16` on {env['cpu_count']} CPU cores, jax {env['jax']}, torch {env['torch']}; "
-       f"load average at start {env['load_start']}. Median of the timed steps after one warm-up step, each side "
+       run_line("python -m benchmarks.step_bf16", env) + " Median of the timed steps after one warm-up step, each side "
        "timed alternately; precomputed features; the LM head at label positions (as the trainer runs).", "",
        "| shape | mode | ours float32 s | ours bfloat16 s | torch float32 s | bf16 / torch f32 | f32 / torch f32 | "
        "bf16 / f32 | loss f32 | loss bf16 |", "|---|---|---|---|---|---|---|---|---|---|"]

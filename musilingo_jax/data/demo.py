@@ -483,6 +483,24 @@ def _render_all(pool, jobs: list, desc: str, progress: bool) -> list[str]:
           if rms < 1e-4]
 
 
+def _reusable(meta_file: Path, params: dict, *, also=lambda meta: True) -> dict | None:
+  """The meta.json of a set built with these `params` (and passing `also`), or None; a stale meta.json is
+  removed first, so a build interrupted from here on is never taken for a finished one."""
+  if not meta_file.is_file():
+    return None
+  with open(meta_file, encoding="utf-8") as f:
+    meta = json.load(f)
+  if meta.get("params") == params and also(meta):
+    return meta
+  meta_file.unlink()
+  return None
+
+
+def _score_cache(cache_dir) -> Path | None:
+  """cache_dir as the builders take it: True = default_cache_dir(), a path, or None/False for no cache."""
+  return None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
+
+
 def _write_meta(meta_file: Path, meta: dict) -> None:
   """meta.json written last and atomically: its presence means the folder is complete."""
   tmp = meta_file.with_name(meta_file.name + ".tmp")
@@ -512,15 +530,12 @@ def build_demo_dataset(out_dir, *, num_train_pieces: int = 40, num_test_pieces: 
             "clips_per_piece": clips_per_piece, "clip_seconds": float(clip_seconds), "seed": seed,
             "renderer": resolved, "soundfont": soundfont}
   meta_file = out / "meta.json"
-  if meta_file.is_file():
-    with open(meta_file, encoding="utf-8") as f:
-      meta = json.load(f)
-    if meta.get("params") == params and all((out / f"{s}.json").is_file() for s in SPLITS):
-      print(f"demo dataset: reusing {out} (same parameters, built {meta.get('built_at')})")
-      return meta
-    meta_file.unlink()
+  meta = _reusable(meta_file, params, also=lambda m: all((out / f"{s}.json").is_file() for s in SPLITS))
+  if meta is not None:
+    print(f"demo dataset: reusing {out} (same parameters, built {meta.get('built_at')})")
+    return meta
   t0 = time.time()
-  cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
+  cache = _score_cache(cache_dir)
   (out / "audio").mkdir(parents=True, exist_ok=True)
 
   with _worker_pool(workers) as (pool, pool_map):
@@ -608,16 +623,13 @@ def build_unlabeled_set(out_dir, *, num_pieces: int, num_test_pieces: int, clips
             "clips_per_piece": clips_per_piece, "clip_seconds": float(clip_seconds), "seed": seed,
             "renderer": resolved, "soundfont": soundfont}
   meta_file = out / "meta.json"
-  if meta_file.is_file():
-    with open(meta_file, encoding="utf-8") as f:
-      meta = json.load(f)
-    if meta.get("params") == params:
-      if progress:
-        print(f"demo unlabeled set: reusing {out} ({meta['counts']['clips']} clips)")
-      return meta
-    meta_file.unlink()
+  meta = _reusable(meta_file, params)
+  if meta is not None:
+    if progress:
+      print(f"demo unlabeled set: reusing {out} ({meta['counts']['clips']} clips)")
+    return meta
   t0 = time.time()
-  cache = None if cache_dir in (None, False) else (default_cache_dir() if cache_dir is True else Path(cache_dir))
+  cache = _score_cache(cache_dir)
   (out / "audio").mkdir(parents=True, exist_ok=True)
   with _worker_pool(workers) as (pool, pool_map):
     chosen, skipped = _select_pieces({"train": num_pieces, "test": num_test_pieces}, seed, pool_map,
