@@ -119,10 +119,15 @@ def labels(exs) -> int:
   return sum(len(e["answer"]) for e in exs)
 
 
-def bench_shape(shape: step_bench.Shape, lengths, *, timed: int, pack_len: int, pack_rows: int, seed: int = 0) -> dict:
+def bench_shape(shape: step_bench.Shape, lengths, *, timed: int, pack_len: int, pack_rows: int, seed: int = 0,
+                precision: str = "float32") -> dict:
+  """precision "bfloat16": ours with bf16 frozen weights and compute (the full-size presets' setting), the
+  reference under torch.autocast(bfloat16) (it trains under fp16 autocast on GPUs), both from the same weights."""
   setup = step_bench.our_setup(shape, seed)
+  ref = tr.TorchMusiLingo.from_ours(setup.plain)
+  if precision == "bfloat16":
+    setup = step_bench.our_setup(step_bench.bf16_shape(shape), seed)
   model = setup.plain
-  ref = tr.TorchMusiLingo.from_ours(model)
   d_enc = model.cfg.encoder.hidden_size
   exs = examples(lengths, shape, d_enc, seed)
   segments = 16
@@ -145,7 +150,7 @@ def bench_shape(shape: step_bench.Shape, lengths, *, timed: int, pack_len: int, 
   compiled = setup.compile_step(model, "projection", first, configure)
   trainable, opt_state = compiled.trainable, compiled.opt_state
   ref.copy_projection_from_ours(model)
-  torch_step = tr.TorchTrainStep(ref, lr=1e-4)
+  torch_step = tr.TorchTrainStep(ref, lr=1e-4, autocast=torch.bfloat16 if precision == "bfloat16" else None)
   audio = (0.1 * np.random.default_rng(seed + 1).standard_normal((shape.rows, shape.samples))).astype(np.float32)
 
   # The per-clip precompute cost of ours (the encoder once per clip, jitted, batch of `rows` clips).
@@ -203,7 +208,7 @@ def bench_shape(shape: step_bench.Shape, lengths, *, timed: int, pack_len: int, 
       "epoch_s_ours": epoch_ours, "epoch_s_ref": total / ref_rate, "precompute_s": precompute,
       "speedup_with_precompute": (total / ref_rate) / (epoch_ours + precompute),
       "steps_ours": ours_t, "steps_ref": ref_t, "torch_threads": threads[0], "peak_flops": peak,
-      "encoder_s_per_clip": statistics.median(enc_t),
+      "encoder_s_per_clip": statistics.median(enc_t), "precision": precision,
   }
   del setup, model, ref, compiled, trainable, opt_state
   gc.collect()
@@ -215,12 +220,16 @@ def write_markdown(results: dict, path) -> None:
   from pathlib import Path
   env, mix = results["env"], results["mix"]
   L = ["# Epoch throughput: the reference recipe vs ours (benchmarks/epoch.py)", "",
-       run_line(f"python -m benchmarks.epoch{' --quick' if results['quick'] else ''}", env) + " Length mix: "
+       run_line(f"python -m benchmarks.epoch{' --quick' if results['quick'] else ''}"
+                f"{' --precision bfloat16' if results.get('precision') == 'bfloat16' else ''}", env) + " Length mix: "
        f"{mix['source']}, {mix['examples']} examples, answer tokens median {mix['answer_tokens_median']:.0f}, mean "
        f"{mix['answer_tokens_mean']:.1f}, p90 {mix['answer_tokens_p90']:.0f}.", "",
        "Reference: PyTorch eager, encoder in every step on the raw clips, each micro-batch padded to its longest, "
        "LM head at every position. Ours: precomputed features, packed rows, LM head at label positions only, "
-       "the trainer's jitted step. Same examples, same order; label tokens = the tokens the loss is taken over.", "",
+       "the trainer's jitted step. Same examples, same order; label tokens = the tokens the loss is taken over." +
+       (" Precision: ours bf16 weights and compute (f32 accumulation), the reference under "
+        "torch.autocast(bfloat16)." if results.get("precision") == "bfloat16" else " Precision: float32 on both "
+        "sides."), "",
        "| shape | reference rows | ours rows x L | examples / packed row | padding ref / ours | label tok/s ref | "
        "label tok/s ours | speedup | with one epoch's precompute | encoder s / clip | torch threads |",
        "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -243,12 +252,15 @@ def main(argv=None) -> int:
                  help="an annotation file with question/answer strings: its real length mix (LLaMA tokens)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--markdown", default=None, metavar="MD", help="also write the table here (benchmarks/EPOCH.md)")
+  p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                 help="bfloat16: ours with bf16 weights and compute (f32 accumulation), the reference under "
+                      "torch.autocast(bfloat16)")
   args = parse(p, argv)
   torch.set_num_threads(os.cpu_count() or 1)
   lengths = (file_lengths(args.lengths_from, args.examples, args.seed) if args.lengths_from
              else drawn_lengths(args.examples, args.seed))
   answers = np.asarray([a for _, a, _ in lengths])
-  results: dict = {"quick": args.quick, "env": environment(), "epoch": [], "_json": args.json,
+  results: dict = {"quick": args.quick, "env": environment(), "epoch": [], "_json": args.json, "precision": args.precision,
                    "mix": {"source": args.lengths_from or "stand-in mixture (benchmarks/epoch.py docstring)",
                            "examples": len(lengths), "answer_tokens_median": float(np.median(answers)),
                            "answer_tokens_p90": float(np.percentile(answers, 90)),
@@ -259,7 +271,7 @@ def main(argv=None) -> int:
     if shape.name not in args.shapes.split(","):
       continue
     pack_len = {"demo": 256, "7b_slice": 512}[shape.name] if not args.quick else 256
-    r = bench_shape(shape, lengths, timed=timed, pack_len=pack_len, pack_rows=2)
+    r = bench_shape(shape, lengths, timed=timed, pack_len=pack_len, pack_rows=2, precision=args.precision)
     results["epoch"].append(r)
     log(f"{shape.name}: label tokens/s ours {r['label_tokens_per_s_ours']:.1f} vs reference "
         f"{r['label_tokens_per_s_ref']:.1f} -> {r['speedup']:.2f}x ({r['speedup_with_precompute']:.2f}x with one "

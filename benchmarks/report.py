@@ -224,6 +224,8 @@ def write_markdown(results: dict, path: Path) -> None:
   extra = [(name, what) for name, what in (
       ("EPOCH.md", "epoch throughput on a length mix: the reference recipe vs ours (packed rows, precomputed "
                    "features, head at labels); `python -m benchmarks.epoch`"),
+      ("EPOCH_BF16.md", "the same at the full-size presets' precision: ours bf16 (f32 accumulation), the reference "
+                        "under torch.autocast(bfloat16); `python -m benchmarks.epoch --precision bfloat16`"),
       ("DECODE_DTYPES.md", "decode at batch 1 in float32 / bfloat16 / int8 against the measured read-bandwidth "
                            "bound, and greedy agreement; `python -m benchmarks.decode_dtypes`"),
       ("STEP_BF16.md", "the train step with bfloat16 compute (f32 accumulation, opt-in) beside our float32 step and "

@@ -84,6 +84,13 @@ def shapes(quick: bool) -> list[Shape]:
   ]
 
 
+def bf16_shape(shape: Shape) -> Shape:
+  """The same shape with bfloat16 frozen weights and compute (config.model.compute_dtype/frozen_dtype)."""
+  llm = dataclasses.replace(shape.llm, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  return dataclasses.replace(shape, llm=llm, encoder_overrides={**shape.encoder_overrides, "dtype": jnp.bfloat16,
+                                                                "param_dtype": jnp.bfloat16})
+
+
 def shape_named(name: str, quick: bool) -> Shape:
   return next(s for s in shapes(quick) if s.name == name)
 

@@ -12,7 +12,6 @@ step is reported beside the float32 one (same weights, rounded to bf16; same bat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import os
 import statistics
@@ -29,15 +28,9 @@ from benchmarks.harness import add_common_args, environment, log, parse, run_lin
 from musilingo_jax.testing import torch_reference as tr
 
 
-def bf16_shape(shape: step_lib.Shape) -> step_lib.Shape:
-  llm = dataclasses.replace(shape.llm, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-  return dataclasses.replace(shape, llm=llm, encoder_overrides={**shape.encoder_overrides, "dtype": jnp.bfloat16,
-                                                                "param_dtype": jnp.bfloat16})
-
-
 def run_shape(shape: step_lib.Shape, mode: str, timed: int) -> dict:
   f32 = step_lib.our_setup(shape)
-  b16 = step_lib.our_setup(bf16_shape(shape))
+  b16 = step_lib.our_setup(step_lib.bf16_shape(shape))
   ref = tr.TorchMusiLingo.from_ours(f32.plain)
   lora_params = ()
   if mode == "projection+lora":

@@ -265,8 +265,10 @@ class TorchTrainStep:
   """One reference optimizer step: zero_grad, loss, backward, AdamW on the trainable tensors only."""
 
   def __init__(self, ref: TorchMusiLingo, *, lora_params: Sequence[torch.nn.Parameter] = (), lr: float = 1e-4,
-               weight_decay: float = 0.05, betas=(0.9, 0.999), eps: float = 1e-8):
-    self.ref = ref
+               weight_decay: float = 0.05, betas=(0.9, 0.999), eps: float = 1e-8, autocast=None):
+    """autocast: a torch dtype to run the loss under torch.autocast (the reference trains under fp16 autocast
+    on GPUs; on CPU bfloat16 is the supported one), None for float32."""
+    self.ref, self.autocast = ref, autocast
     for module in (ref.hub, ref.lm):
       if module is not None:
         module.requires_grad_(False)
@@ -285,7 +287,8 @@ class TorchTrainStep:
   def __call__(self, exs, *, audio=None, features=None, bos: int = BOS, pad: int = PAD) -> float:
     r = self.ref
     self.opt.zero_grad(set_to_none=True)
-    loss = reference_loss(r.hub, r.lm, r.proj, audio, exs, r.pool, features=features, bos=bos, pad=pad)
+    with torch.autocast("cpu", dtype=self.autocast, enabled=self.autocast is not None):
+      loss = reference_loss(r.hub, r.lm, r.proj, audio, exs, r.pool, features=features, bos=bos, pad=pad)
     loss.backward()
     self.opt.step()
     return float(loss.detach())
