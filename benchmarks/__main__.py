@@ -87,10 +87,9 @@ def main(argv=None) -> int:
   log(f"calibrated f32 matmul: jax {results['env']['peak_f32_jax_start'] / 1e9:.0f} GFLOP/s, torch "
       f"{results['env']['peak_f32_torch_start'] / 1e9:.0f} GFLOP/s")
 
-  for shape in step.shapes(args.quick):
-    if shape.name in args.shapes.split(",") and "steps" in sections:
-      step.run_steps(shape, args.quick, results)
-      gc.collect()
+  for shape in step.shapes(args.quick, args.shapes) if "steps" in sections else ():
+    step.run_steps(shape, args.quick, results)
+    gc.collect()
 
   if "steps" in sections and "7b_slice" in args.shapes.split(","):
     results["gemm"] = gemm.bench_gemm(gemm.slice_rows(args.quick))

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from benchmarks.harness import add_common_args, environment, log, parse, run_line, save_json
+from benchmarks.harness import add_common_args, environment, finish, log, parse, run_line, save_json
 
 
 def read_bandwidth(mb: int = 512, repeats: int = 5) -> float:
@@ -230,10 +230,7 @@ def main(argv=None) -> int:
              / best_hf["tokens_per_s"], "_json": args.json}
   log(f"int8 vs transformers' best ({best_hf['dtype']}, {best_hf['threads']} threads): "
       f"{results['int8_vs_best_transformers']:.2f}x")
-  save_json(results)
-  if args.markdown:
-    write_markdown(results, args.markdown)
-  return 0
+  return finish(results, args.markdown, write_markdown)
 
 
 if __name__ == "__main__":

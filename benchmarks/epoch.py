@@ -41,7 +41,7 @@ import torch
 from flax import nnx
 
 from benchmarks import step as step_bench
-from benchmarks.harness import add_common_args, calibrate, environment, log, parse, rss_mb, run_line, save_json
+from benchmarks.harness import add_common_args, calibrate, environment, log, parse, finish, rss_mb, run_line, save_json
 from musilingo_jax import prompts
 from musilingo_jax.data import pipeline
 from musilingo_jax.models.musilingo import pooled_features
@@ -267,9 +267,7 @@ def main(argv=None) -> int:
                            "answer_tokens_mean": float(answers.mean())}}
   log(f"length mix: {results['mix']}")
   timed = 2 if args.quick else 4
-  for shape in step_bench.shapes(args.quick):
-    if shape.name not in args.shapes.split(","):
-      continue
+  for shape in step_bench.shapes(args.quick, args.shapes):
     pack_len = {"demo": 256, "7b_slice": 512}[shape.name] if not args.quick else 256
     r = bench_shape(shape, lengths, timed=timed, pack_len=pack_len, pack_rows=2, precision=args.precision)
     results["epoch"].append(r)
@@ -278,9 +276,7 @@ def main(argv=None) -> int:
         f"epoch's feature precompute); padding ours {r['ours_padding']:.0%} vs reference {r['ref_padding']:.0%}; "
         f"{r['examples_per_row']:.1f} examples per packed row; RSS {rss_mb():.0f} MB")
     save_json(results)
-  if args.markdown:
-    write_markdown(results, args.markdown)
-  return 0
+  return finish(results, args.markdown, write_markdown)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,14 @@ def save_json(results: dict, path: str | Path | None = None) -> None:
                                      default=float))
 
 
+def finish(results: dict, markdown: str | None, write_markdown) -> int:
+  """A benchmark's end: the results JSON (save_json), then its markdown table when asked for; exit status 0."""
+  save_json(results)
+  if markdown:
+    write_markdown(results, markdown)
+  return 0
+
+
 def run_line(command: str, env: dict) -> str:
   """The sentence every markdown report opens with: the command, the machine and the load it started on."""
   return (f"`{command}` on {env['cpu_count']} CPU cores, jax {env['jax']}, torch {env['torch']}; load average at "

@@ -67,7 +67,11 @@ class Shape:
     return int(round(self.seconds * 24000))
 
 
-def shapes(quick: bool) -> list[Shape]:
+def shapes(quick: bool, names: str | None = None) -> list[Shape]:
+  """The benchmark shapes (demo, 7b_slice), or those of them named in `names` (a --shapes comma list)."""
+  if names is not None:
+    wanted = names.split(",")
+    return [s for s in shapes(quick) if s.name in wanted]
   demo_layers, demo_rows = (4, 4) if quick else (30, 8)
   slice_layers, slice_rows = (1, 1) if quick else (2, 2)
   return [
@@ -319,10 +323,9 @@ def main(argv=None) -> int:
   args = parse(p, argv)
   torch.set_num_threads(os.cpu_count() or 1)
   results: dict = {"quick": args.quick, "env": environment(), "steps": [], "_json": args.json}
-  for shape in shapes(args.quick):
-    if shape.name in args.shapes.split(","):
-      run_steps(shape, args.quick, results, args.timed)
-      gc.collect()
+  for shape in shapes(args.quick, args.shapes):
+    run_steps(shape, args.quick, results, args.timed)
+    gc.collect()
   save_json(results)
   return 0
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from benchmarks import step as step_lib
-from benchmarks.harness import add_common_args, environment, log, parse, run_line, save_json
+from benchmarks.harness import add_common_args, environment, finish, log, parse, run_line, save_json
 from musilingo_jax.testing import torch_reference as tr
 
 
@@ -98,9 +98,7 @@ def main(argv=None) -> int:
   p.add_argument("--markdown", default=None, metavar="MD", help="also write the table here")
   args = parse(p, argv, quick_defaults=dict(timed=1))
   results: dict = {"env": environment(), "rows": [], "_json": args.json}
-  for shape in step_lib.shapes(args.quick):
-    if shape.name not in args.shapes.split(","):
-      continue
+  for shape in step_lib.shapes(args.quick, args.shapes):
     for mode in args.modes.split(","):
       r = run_shape(shape, mode, args.timed)
       results["rows"].append(r)
@@ -109,9 +107,7 @@ def main(argv=None) -> int:
           f"{s['torch float32']:.3f} s -> bf16 {r['bf16_vs_torch_f32']:.2f}x, f32 {r['f32_vs_torch_f32']:.2f}x of "
           f"torch; losses {r['losses']}")
       save_json(results)
-  if args.markdown:
-    write_markdown(results, args.markdown)
-  return 0
+  return finish(results, args.markdown, write_markdown)
 
 
 if __name__ == "__main__":
