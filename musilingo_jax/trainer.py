@@ -293,9 +293,14 @@ def check_run_paths(c, workdir):
 
 
 def evaluate_loss(eval_fn, trainable, frozen, batches, mesh) -> dict[str, float]:
-  total, count = 0.0, 0
+  """The token-weighted eval loss over `batches`. eval_fn (Experiment.eval_step) returns (loss summed over
+  tokens, token count), and may add a dict of further metrics summed the same way: their means come out
+  beside the loss (pretraining's loss terms, from the same forward pass)."""
+  total, count, sums = 0.0, 0, {}
   for local in batches:
-    s, n = eval_fn(trainable, frozen, sharding.global_batch(local, mesh))
+    s, n, *more = eval_fn(trainable, frozen, sharding.global_batch(local, mesh))
     total += float(s)
     count += int(n)
-  return {"loss": total / max(count, 1), "tokens": float(count)}
+    for k, v in (more[0] if more else {}).items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return {"loss": total / max(count, 1), "tokens": float(count), **{k: v / max(count, 1) for k, v in sums.items()}}

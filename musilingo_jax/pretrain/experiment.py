@@ -89,7 +89,6 @@ class PretrainExperiment(Experiment):
   probe: ProbeSet | None = None
   targets_dir: str = ""
   _clock: dict = dataclasses.field(default_factory=dict)
-  _terms_fn: Any = None
 
   @classmethod
   def from_config(cls, c, mesh: Mesh | None = None, *, model=None, tokenizer=None, abstract: bool = False,
@@ -137,25 +136,23 @@ class PretrainExperiment(Experiment):
     flops = b * (3.0 * rest + conv * (3.0 if pcfg.feature_grad_mult > 0 else 1.0))
     return flops, int(b * t)
 
+  def eval_step(self) -> Any:
+    """Jitted (trainable, frozen, batch) -> (loss summed over masked frames, their count, every other loss term
+    and metric summed the same way): the trainer's eval averages them all from one forward pass."""
+    graphdef = self.eval_graphdef
+
+    def step(trainable, frozen, batch):
+      terms = nnx.merge(graphdef, trainable, frozen).terms(batch)
+      n = terms["count"]
+      return terms["loss"] * n, n, {k: v * n for k, v in terms.items() if k not in ("loss", "count")}
+    return jax.jit(step)
+
   def extra_eval_metrics(self, trainable, step: int) -> dict[str, float]:
-    """The loss terms on the eval batches, the linear probe, and the minutes trained (without evals)."""
+    """The linear probe and the minutes trained (without evals); the loss terms come with the eval loss
+    (`eval_step`)."""
     t0 = time.perf_counter()
     model = self.merged(trainable)
     out: dict[str, float] = {}
-    batches = self.data.eval_batches(self.c.eval_batches) if self.data is not None else []
-    if batches:
-      if self._terms_fn is None:
-        self._terms_fn = jax.jit(lambda tr, fr, b: nnx.merge(self.eval_graphdef, tr, self.frozen).terms(b))
-      sums: dict[str, float] = {}
-      total = 0
-      for local in batches:
-        terms = self._terms_fn(trainable, self.frozen, sharding.global_batch(local, self.mesh))
-        n = int(terms["count"])
-        total += n
-        for k, v in terms.items():
-          if k not in ("loss", "count"):
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-      out.update({k: v / max(total, 1) for k, v in sums.items()})
     if self.probe is not None:
       acc = self.probe.evaluate(model.encoder)
       out.update({f"probe_{k}": v for k, v in acc.items()})
